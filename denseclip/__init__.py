@@ -1,0 +1,1 @@
+"""DenseCLIP in plain PyTorch."""
