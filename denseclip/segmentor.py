@@ -127,7 +127,8 @@ class TorchvisionResNet(nn.Module):
 
 def build_backbone(cfg: DenseCLIPConfig) -> nn.Module:
     if cfg.backbone == "resnet":
-        return ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.input_resolution, cfg.vision_width)
+        return ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.input_resolution,
+                              cfg.vision_width)
     if cfg.backbone == "vit":
         return VisionTransformer(cfg.input_resolution, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
                                  cfg.vision_heads, cfg.embed_dim, cfg.drop_path_rate, cfg.vit_out_indices,
