@@ -1,0 +1,161 @@
+"""Segmentor: shapes at two sizes, losses, text-feature caching, freezing, inference modes, overfitting."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip.segmentor import build_model, seg_cross_entropy
+
+NAMES = ["background", "circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("denseclip_tiny", NAMES)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (128, 128)])
+@pytest.mark.parametrize("prompting", ["post", "pre", "none"])
+def test_shapes_and_losses(size, prompting):
+    torch.manual_seed(0)
+    model = build_model("denseclip_tiny", NAMES, prompting=prompting)
+    x, y = torch.randn(2, 3, *size), torch.randint(0, 4, (2, *size))
+    model.train()
+    losses = model(x, y)
+    assert set(losses) == {"loss_decode", "loss_aux"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        logits, score = model.forward_logits(x)
+        assert logits.shape == (2, 4, size[0] // 4, size[1] // 4)
+        assert score.shape == (2, 4, size[0] // 32, size[1] // 32)
+        assert model(x).shape == (2, 4, *size)
+
+
+def test_baseline_has_no_language():
+    model = build_model("fpn_tiny", NAMES)
+    assert not hasattr(model, "text_encoder") and not hasattr(model, "contexts")
+    assert set(model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long))) == {"loss_decode"}
+
+
+def test_text_encoder_frozen_contexts_learn(tiny):
+    assert not any(p.requires_grad for p in tiny.text_encoder.parameters())
+    tiny.train()
+    tiny.zero_grad()
+    sum(tiny(torch.randn(1, 3, 64, 64), torch.randint(0, 4, (1, 64, 64))).values()).backward()
+    assert tiny.contexts.grad is not None and tiny.contexts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.text_encoder.parameters())
+    assert tiny.gamma.grad is not None
+
+
+def test_text_features_cached_in_eval_only(tiny):
+    calls = []
+    hook = tiny.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    tiny.eval()
+    with torch.no_grad():
+        first = tiny(x)
+        second = tiny(x)
+    assert len(calls) == 1 and torch.equal(first, second)
+    tiny.train()  # training invalidates the cache and recomputes every step
+    tiny(x, torch.zeros(2, 64, 64, dtype=torch.long))
+    tiny(x, torch.zeros(2, 64, 64, dtype=torch.long))
+    assert len(calls) == 3
+    hook.remove()
+
+
+def test_gamma_and_score_map_definition(tiny):
+    """s = <z/|z|, t/|t|> with t = t0 + γ·Δt, computed by hand from the parts."""
+    tiny.eval()
+    with torch.no_grad():
+        feats, zg, zd = tiny.backbone.forward_dense(torch.randn(2, 3, 64, 64))
+        t0 = tiny.text_encoder(tiny.texts, tiny.contexts).expand(2, -1, -1)
+        visual = torch.cat([zg[:, None], zd.flatten(2).transpose(1, 2)], 1)
+        t = t0 + tiny.gamma * tiny.context_decoder(t0, visual)
+        ref = (F.normalize(zd, dim=1)[:, None] * F.normalize(t, dim=2)[..., None, None]).sum(2)
+        assert torch.allclose(tiny.score_map(zg, zd), ref, atol=1e-5)
+    assert torch.allclose(tiny.gamma, torch.full_like(tiny.gamma, 1e-4))
+
+
+def test_long_class_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="swimming pool with diving board"):
+        build_model("denseclip_tiny", ["wall", "swimming pool with diving board"])
+    model = build_model("denseclip_tiny", ["wall", "swimming pool with diving board"], truncate_class_names=True)
+    assert model.texts.shape == (2, 5)
+    longer = build_model("denseclip_tiny", ["swimming pool with diving board"], class_token_length=9)
+    assert longer.texts.shape == (1, 9)
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(TypeError):
+        build_model("denseclip_tiny", NAMES, contxt_length=16)
+    with pytest.raises(ValueError, match="unknown config"):
+        build_model("denseclip_r51", NAMES)
+
+
+def test_loss_averages_over_all_pixels_like_mmseg():
+    logits = torch.randn(1, 3, 4, 4)
+    labels = torch.randint(0, 3, (1, 4, 4))
+    labels[0, 0] = 255
+    per_pixel = -logits.log_softmax(1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
+    expected = (per_pixel * (labels != 255)).sum() / labels.numel()
+    assert torch.allclose(seg_cross_entropy(logits, labels, 255), expected)
+
+
+def test_slide_equals_whole_when_crop_covers_image(tiny):
+    tiny.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        whole = tiny(x)
+        assert torch.allclose(tiny.slide_inference(x, crop=128, stride=85), whole, atol=1e-5)
+        # overlapping windows: every pixel covered, output is the per-pixel mean of the windows
+        slid = tiny.slide_inference(x, crop=64, stride=32)
+        left, right = tiny(x[..., :64]), tiny(x[..., 32:])
+        assert torch.allclose(slid[..., 40:56], (left[..., 40:56] + right[..., 8:24]) / 2, atol=1e-5)
+
+
+def test_aug_single_scale_no_flip_equals_single_scale(tiny):
+    tiny.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        single = tiny(x).softmax(1)
+        assert torch.allclose(tiny.predict(x, mode="whole"), single, atol=1e-6)
+        flipped = tiny.predict(x, ratios=(1.0,), flip=True, mode="whole")
+        expected = (single + tiny(x.flip(-1)).softmax(1).flip(-1)) / 2
+        assert torch.allclose(flipped, expected, atol=1e-6)
+        assert tiny.predict(x, out_size=(50, 70), ratios=(0.5, 1.5), mode="whole").shape == (1, 4, 50, 70)
+
+
+def _blobs(n=4, size=64, seed=0):
+    """Images whose class is the shape of a bright patch: square (1) vs disc (2) on noise (0)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, labels = torch.randn(n, 3, size, size, generator=g) * 0.3, torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        cy, cx = torch.randint(16, size - 16, (2,), generator=g).tolist()
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 12 ** 2
+        square = ((yy - cy).abs() < 11) & ((xx - cx).abs() < 11)
+        mask, k = (disc, 2) if i % 2 else (square, 1)
+        images[i][:, mask] += torch.rand(3, 1, generator=g) * 2
+        labels[i][mask] = k
+    return images, labels
+
+
+def test_tiny_config_overfits_a_handful_of_images():
+    torch.manual_seed(0)
+    model = build_model("denseclip_tiny", ["background", "square", "circle"], head_dropout=0.0, decoder_dropout=0.0)
+    images, labels = _blobs()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    start = None
+    for _ in range(60):
+        loss = sum(model(images, labels).values())
+        start = start if start is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * start, (start, loss.item())
+    model.eval()
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == labels).float().mean()
+    assert acc > 0.9
