@@ -153,6 +153,17 @@ class ModifiedResNet(nn.Module):
         self.attnpool = None
         if output_dim is not None:
             self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+        self.init_weights()
+
+    def init_weights(self):
+        """OpenAI's initialisation: attention-pool projections with std in_features^-0.5, and the last BN
+        of every residual branch at zero so each block starts as the identity."""
+        if self.attnpool is not None:
+            for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
+                nn.init.normal_(proj.weight, std=self.attnpool.c_proj.in_features ** -0.5)
+        for name, p in self.named_parameters():
+            if name.endswith("bn3.weight") and name.startswith("layer"):
+                nn.init.zeros_(p)
 
     def forward_pyramid(self, x) -> List[torch.Tensor]:
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
