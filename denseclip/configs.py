@@ -15,7 +15,7 @@ class DenseCLIPConfig:
     backbone: str = "resnet"  # "resnet" (CLIP ModifiedResNet), "vit" (CLIP ViT), "torchvision_resnet50" (ImageNet)
     vision_layers: Union[Tuple[int, ...], int] = (3, 4, 6, 3)  # blocks per ResNet stage, or ViT depth
     vision_width: int = 64  # ResNet stem width (stage widths are 4x, 8x, 16x, 32x) or ViT width
-    vision_heads: int = 32  # attention-pool heads (CLIP: width*32//64) or ViT heads (width//64)
+    vision_heads: int = 32  # attention-pool heads (official: hard-coded 32 = CLIP's width*32//64) or ViT heads
     patch_size: int = 16  # ViT only
     input_resolution: int = 512  # the grid the positional embeddings are stored at (= training crop)
     embed_dim: Optional[int] = 1024  # joint text-image dimension D; None: no attnpool/proj (FPN baselines)

@@ -86,6 +86,15 @@ def test_long_class_name_is_a_clear_error():
     assert longer.texts.shape == (1, 9)
 
 
+def test_class_embedding_quirk_only_in_official_vit_configs():
+    from denseclip.configs import CONFIGS, DenseCLIPConfig
+
+    assert all(CONFIGS[n]().add_class_embedding_twice for n in ("denseclip_vitb16", "fpn_clip_vitb16"))
+    assert not DenseCLIPConfig().add_class_embedding_twice  # new configs train without it
+    model = build_model("denseclip_vitb16", NAMES, vision_layers=1, text_layers=1)
+    assert model.backbone.add_class_embedding_twice
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(TypeError):
         build_model("denseclip_tiny", NAMES, contxt_length=16)
