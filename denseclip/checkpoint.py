@@ -133,4 +133,6 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
         sd = {"backbone." + k: v for k, v in sd.items()}
         return _load_partial(model, sd, "imagenet", lambda k: not k.startswith("backbone.") or ".attnpool." in k,
                              file_names)
+    if "text_embeddings" in sd and hasattr(model, "text_encoder"):  # saved after drop_text_encoder()
+        model.drop_text_encoder()
     return _load_whole(model, sd)

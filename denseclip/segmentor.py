@@ -191,12 +191,29 @@ class DenseCLIP(nn.Module):
     # --- text features: fixed once trained, so computed once per model at evaluation
     def text_features(self) -> torch.Tensor:
         """(1, K, D) for post-model / no prompting. Cached while in eval mode without autograd."""
+        if hasattr(self, "text_embeddings"):  # after drop_text_encoder()
+            return self.text_embeddings
         if self._text_cache is not None:
             return self._text_cache
         text = self.text_encoder(self.texts, self.contexts)  # (1, K, D)
         if not self.training and not torch.is_grad_enabled():
             self._text_cache = text
         return text
+
+    @torch.no_grad()
+    def drop_text_encoder(self):
+        """For deployment (official issue #40): the text features no longer change once trained, so keep
+        them as a buffer `text_embeddings` (1, K, D) and delete the text encoder and the contexts (RN50:
+        -63M parameters). load_checkpoint calls this itself for checkpoints saved after it."""
+        if self.cfg.prompting == "pre":
+            raise ValueError("pre-model prompting runs the text encoder on every image; it cannot be dropped")
+        if hasattr(self, "text_encoder"):
+            was_training = self.training
+            self.train(False)
+            self.register_buffer("text_embeddings", self.text_encoder(self.texts, self.contexts).detach())
+            del self.text_encoder, self.contexts, self.texts
+            self.train(was_training)
+        return self
 
     def train(self, mode: bool = True):
         self._text_cache = None

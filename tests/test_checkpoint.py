@@ -56,6 +56,23 @@ def test_our_checkpoint_round_trip(tmp_path):
         assert torch.equal(a(x), b(x))
 
 
+def test_model_without_text_encoder_exports_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("denseclip_tiny", NAMES[:4]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        n_before = sum(p.numel() for p in model.parameters())
+        model.drop_text_encoder()
+        assert not hasattr(model, "text_encoder") and sum(p.numel() for p in model.parameters()) < n_before
+        assert torch.equal(model(x), before)
+    torch.save({"model": model.state_dict()}, tmp_path / "deploy.pth")
+    fresh = build_model("denseclip_tiny", NAMES[:4]).eval()
+    load_checkpoint(fresh, str(tmp_path / "deploy.pth"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), before)
+
+
 def _tiny_openai_clip():
     # matches denseclip_tiny's towers except the image grid (CLIP 64 px vs our 128 px crops)
     return openai_clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
