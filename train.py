@@ -1,0 +1,397 @@
+"""Train a DenseCLIP segmentor (Rao et al., CVPR 2022): one plain loop, DDP through torchrun, AMP, exact resume.
+
+    python train.py                                  # denseclip_tiny on built-in procedural shapes, CPU, minutes
+    torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt
+
+The optimisation is the official mmseg/mmcv set-up written out: AdamW, per-parameter lr/decay multipliers
+(`param_groups`), poly decay with linear warmup (`lr_at`), 80k iterations at global batch 32. What differs on
+purpose: SyncBN only with more than one process (official issue #24), gradient accumulation so any number of
+GPUs reaches the global batch (issues #13, #30), a frozen text encoder that is not in the optimiser at all
+(issue #28), and checkpoints that resume bit-exactly (data position and every RNG state included).
+"""
+import argparse
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from denseclip.checkpoint import load_checkpoint
+from denseclip.configs import CONFIGS
+from denseclip.segmentor import build_model
+from eval import add_data_args, autocast, build_dataset, config_overrides, evaluate, init_distributed, print0
+
+WARMUP_RATIO = 1e-6  # mmcv's warmup_ratio in the official configs: warmup starts at base_lr * 1e-6
+POLY_POWER = 0.9
+
+# Options left unset take these values. ADE20K and user folders: the official 80k schedule at global batch 32
+# (4 images x 8 GPUs). Procedural: a CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from
+# random weights (no CLIP weights for the tiny models), so it uses a higher lr, a short warmup and no backbone
+# lr reduction (x0.1 protects pretrained CLIP weights, of which there are none here).
+DEFAULTS = {
+    "official": dict(iters=80000, batch_size=4, global_batch=32, lr=1e-4, warmup_iters=1500, backbone_lr_mult=0.1,
+                     eval_interval=8000, save_interval=8000, workers=4),
+    "procedural": dict(iters=3000, batch_size=8, global_batch=None, lr=2e-3, warmup_iters=50, backbone_lr_mult=1.0,
+                       eval_interval=1000, save_interval=1000, workers=0),
+}
+
+EPILOG = """defaults (options left unset):
+  --dataset ade20k / folder: iters 80000, batch-size 4, global-batch 32, lr 1e-4, warmup-iters 1500,
+      backbone-lr-mult 0.1, eval/save every 8000, workers 4                              (the official recipe)
+  --dataset procedural: iters 3000, batch-size 8, global-batch = batch-size x processes, lr 2e-3,
+      warmup-iters 50, backbone-lr-mult 1.0, eval/save every 1000, workers 0  (tiny model from random weights)
+
+recipes:
+  python train.py                                   # denseclip_tiny, procedural shapes, ~6 min on 2 CPU cores
+  python train.py --model fpn_tiny                  # its no-language baseline
+  # official ADE20K run: 8 GPUs x 4 images = global batch 32, SyncBN
+  torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt
+  # the same global batch on ONE GPU: 8 images x 4 accumulation steps (BN statistics then cover 8 images, not 32)
+  python train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt \\
+      --batch-size 8 --global-batch 32 --amp bf16
+  # continue the latest checkpoint of a run
+  python train.py --dataset ade20k --model denseclip_r50 --out-dir runs/r50 --resume auto
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="denseclip_tiny", choices=sorted(CONFIGS),
+                   help="named config (denseclip_* with language, fpn_* the plain-FPN baselines)")
+    add_data_args(p)
+    g = p.add_argument_group("optimisation (unset: see defaults below)")
+    g.add_argument("--iters", type=int, help="optimiser steps")
+    g.add_argument("--batch-size", type=int, help="images per process per forward")
+    g.add_argument("--global-batch", type=int, help="images per optimiser step, all processes together; "
+                                                    "accumulation steps = global / (batch-size x processes)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--warmup-iters", type=int)
+    g.add_argument("--min-lr", type=float, default=1e-6, help="poly schedule floor (absolute, every group)")
+    g.add_argument("--backbone-lr-mult", type=float, help="lr multiplier of the image encoder")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default="runs/default")
+    g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any)")
+    g.add_argument("--pretrained", help="initial weights: OpenAI CLIP .pt (pretrained/RN50.pt) or a checkpoint")
+    g.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--save-interval", type=int, help="checkpoint every N steps (and always at the end)")
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
+    g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS["procedural" if args.dataset == "procedural" else "official"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------- optimiser
+CUSTOM_KEYS = {"backbone": {"lr_mult": 0.1}, "text_encoder": {"lr_mult": 0.0}, "norm": {"decay_mult": 0.0}}
+
+
+def param_rule(name: str, custom_keys: dict) -> dict:
+    """mmcv's `paramwise_cfg.custom_keys`, as the official configs use it. The keys are sorted by length (longest
+    first), ties alphabetically; the FIRST key that is a substring of the parameter name applies, and only that
+    one. So every backbone parameter (its BatchNorms too) gets lr x0.1 with full weight decay, and a parameter
+    outside the backbone with 'norm' in its name (the context decoder's LayerNorms; the head's BatchNorms are
+    called 'bn') gets no weight decay. Returns {'key', 'lr_mult', 'decay_mult'}; key None when none matches."""
+    for key in sorted(sorted(custom_keys), key=len, reverse=True):
+        if key in name:
+            return {"key": key, "lr_mult": custom_keys[key].get("lr_mult", 1.0),
+                    "decay_mult": custom_keys[key].get("decay_mult", 1.0)}
+    return {"key": None, "lr_mult": 1.0, "decay_mult": 1.0}
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, custom_keys: dict) -> list:
+    """One optimiser group per matched key. Frozen parameters and lr_mult 0 get none: with mmcv they sat in the
+    optimiser at lr 0, which the poly floor makes (base 0 - min_lr) * coeff + min_lr > 0 after the first step
+    -- a likely cause of the text-encoder drift reported in issue #28."""
+    groups = {}
+    for name, p in model.named_parameters():
+        rule = param_rule(name, custom_keys)
+        if not p.requires_grad or rule["lr_mult"] == 0:
+            continue
+        group = groups.setdefault(rule["key"], {"params": [], "name": rule["key"] or "default",
+                                                "initial_lr": lr * rule["lr_mult"],
+                                                "weight_decay": weight_decay * rule["decay_mult"]})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(it: int, base_lr: float, max_iters: int, warmup_iters: int, min_lr: float) -> float:
+    """mmcv's PolyLrUpdaterHook (power 0.9, absolute min_lr) with linear warmup from base x WARMUP_RATIO,
+    evaluated at the 0-based iteration `it` before its optimiser step."""
+    lr = (base_lr - min_lr) * (1 - it / max_iters) ** POLY_POWER + min_lr
+    if it < warmup_iters:
+        lr *= 1 - (1 - it / warmup_iters) * (1 - WARMUP_RATIO)
+    return lr
+
+
+# ----------------------------------------------------------------------------------- distributed data
+def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
+    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
+
+    Epoch e is the permutation rng(seed, e) of the dataset, cut to whole global micro-batches; rank r takes
+    positions r, r + world, ... (DistributedSampler's split), batch_size at a time. After k batches on every rank
+    exactly the first k * batch_size * world positions are consumed, so (epoch, seen) is the whole data state."""
+    per_step = batch_size * world
+    while True:
+        n = len(dataset) // per_step * per_step
+        if n == 0:
+            raise ValueError(f"{len(dataset)} training samples make no micro-batch of {per_step}")
+        mine = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank:n:world].tolist()
+        batches = [mine[i:i + batch_size] for i in range(seen // world, n // world, batch_size)]
+        dataset.set_epoch(epoch)  # before the loader forks its workers: they copy the dataset
+        # A private generator: the loader's worker base seed must not consume the global RNG that dropout uses
+        # (exact resume); the datasets draw from rng(seed, epoch, index) anyway.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             pin_memory=torch.cuda.is_available(),
+                                             generator=torch.Generator().manual_seed(seed + epoch))
+        for k, (images, labels) in enumerate(loader, 1):
+            yield epoch, seen + k * per_step, images, labels
+        epoch, seen = epoch + 1, 0
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.SyncBatchNorm for CPU processes (gloo), which PyTorch's does not support: training statistics over the
+    global batch from all-reduced per-channel sums (two passes: mean, then squared deviations), differentiable
+    through torch.distributed.nn's all_reduce. Same parameters and buffers as BatchNorm, so checkpoints match."""
+
+    def _check_input_dim(self, input):
+        pass
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        x = input.float()  # statistics in fp32, also under autocast
+        dims = [d for d in range(x.dim()) if d != 1]  # all but channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = dist_fn.all_reduce(torch.tensor(float(x.numel() // x.shape[1])))
+        mean = dist_fn.all_reduce(x.sum(dims)) / count
+        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, for normalising
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(mean, m)
+            self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm stores it
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (CUDA) or CPUSyncBatchNorm; called only when world size > 1."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def rng_state() -> dict:
+    """Every RNG this process draws from, as plain data (weights_only loading accepts nothing else)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def save_checkpoint(obj: dict, path: Path):
+    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: Path):
+    paths = sorted(out_dir.glob("iter_*.pt"))
+    return paths[-1] if paths else None
+
+
+def reduce_mean(values: dict, world: int) -> dict:
+    """Average tensors over ranks for logging (one all_reduce)."""
+    stacked = torch.stack(list(values.values()))
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(values, stacked.tolist()))
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs CUDA (its GradScaler guards fp16 gradients on GPUs); on CPU use bf16")
+    if args.global_batch is None:
+        args.global_batch = args.batch_size * world
+    accum, rem = divmod(args.global_batch, args.batch_size * world)
+    if rem or accum == 0:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+                         f"{world} process(es) = {args.batch_size * world}; pick values that divide")
+    out_dir = Path(args.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels (as mmseg)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
+    overrides = config_overrides(args.overrides)
+    cfg = replace(CONFIGS[args.model](), **overrides)
+    train_set, val_set = build_dataset(args, "train", cfg), build_dataset(args, "val", cfg)
+    model = build_model(args.model, train_set.class_names, **overrides)
+    if args.pretrained:
+        print0(f"initialising from {args.pretrained}:\n{load_checkpoint(model, args.pretrained)}")
+    elif cfg.clip_weights:
+        print0(f"note: training {args.model} from random weights; the official recipe starts from "
+               f"--pretrained pretrained/{cfg.clip_weights}")
+    if world > 1:
+        model = convert_sync_batchnorm(model, device)  # only here: SyncBN on a single process crashes (issue #24)
+    model.to(device)
+    model_without_ddp = model
+    custom_keys = dict(CUSTOM_KEYS, backbone={"lr_mult": args.backbone_lr_mult})
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, custom_keys), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    start_iter, epoch, seen = 0, 0, 0
+    resume = latest_checkpoint(out_dir) if args.resume == "auto" else args.resume
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        model_without_ddp.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_iter, epoch, seen = ckpt["iter"], ckpt["data"]["epoch"], ckpt["data"]["seen"]
+        if seen % (args.batch_size * world):
+            raise SystemExit(f"{resume} stopped {seen} samples into an epoch: not a whole number of micro-batches "
+                             f"of {args.batch_size} x {world}")
+        print0(f"resumed from {resume} at iteration {start_iter} (epoch {epoch}, sample {seen})")
+    elif args.resume == "auto":
+        print0(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch")
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resume and len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank])
+    else:  # dropout / drop path draw differently on each rank
+        torch.manual_seed(args.seed + rank + start_iter)
+        np.random.seed(args.seed + rank + start_iter)
+        random.seed(args.seed + rank + start_iter)
+
+    n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters in groups "
+           f"{[(g['name'], len(g['params'])) for g in optimizer.param_groups]}; {len(train_set)} train / "
+           f"{len(val_set)} val {args.dataset} images; {world} process(es) x {args.batch_size} images x {accum} "
+           f"accumulation = global batch {args.global_batch}; {args.iters} iterations on {device}")
+    batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers)
+    log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def run_eval(it):
+        cm = evaluate(model_without_ddp, val_set, device, amp=args.amp, workers=min(args.workers, 2))
+        model.train()
+        res = cm.compute()
+        print0(f"iter {it}: val mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}  "
+               f"aAcc {100 * res['aAcc']:.2f}")
+        log({"iter": it, **{k: res[k] for k in ("mIoU", "mAcc", "aAcc")}})
+        return res, cm
+
+    model.train()
+    sums, n_logged, busy = {}, 0, 0.0  # busy: seconds spent in training steps since the last log line
+    for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
+        t0 = time.time()
+        lr = lr_at(it, args.lr, args.iters, args.warmup_iters, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, group["initial_lr"], args.iters, args.warmup_iters, args.min_lr)
+        for micro in range(accum):
+            epoch, seen, images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            # Gradients are all-reduced once per optimiser step, on the last micro-batch.
+            sync = world == 1 or micro == accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast(device, args.amp):
+                    losses = model(images, labels)  # {"loss_decode": ..., "loss_aux": ...}
+                loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
+                scaler.scale(loss).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+        if args.clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.float()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step = it + 1  # steps done
+        n_logged, busy = n_logged + 1, busy + time.time() - t0
+
+        if step % args.log_interval == 0 or step == args.iters:
+            avg = {k: v / n_logged for k, v in reduce_mean(sums, world).items()}
+            avg["loss"] = sum(v for k, v in avg.items() if k.startswith("loss"))
+            speed = n_logged / busy
+            eta = (args.iters - step) / speed
+            print0(f"iter {step}/{args.iters}  " + "  ".join(f"{k} {v:.4f}" for k, v in avg.items()) +
+                   f"  lr {lr:.3g}  {speed:.2f} it/s  eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+                   f"{int(eta % 60):02d}")
+            log({"iter": step, "epoch": epoch, **avg, "lr": lr, "it_per_s": speed, "eta_s": eta})
+            sums, n_logged, busy = {}, 0, 0.0
+        if (args.save_interval and step % args.save_interval == 0) or step == args.iters:
+            states = [None] * world
+            if world > 1:
+                dist.all_gather_object(states, rng_state())  # each rank's dropout stream, for an exact resume
+            else:
+                states = [rng_state()]
+            if rank == 0:
+                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict(), "iter": step, "data": {"epoch": epoch, "seen": seen},
+                                 "rng": states, "args": vars(args), "class_names": list(train_set.class_names)},
+                                out_dir / f"iter_{step:06d}.pt")
+        if args.eval_interval and step % args.eval_interval == 0 and step != args.iters:
+            run_eval(step)
+
+    res, cm = run_eval(args.iters)
+    print0(cm.format_table(train_set.class_names))
+    print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
+    if log_file:
+        log_file.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return res
+
+
+if __name__ == "__main__":
+    main()
