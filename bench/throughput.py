@@ -7,12 +7,16 @@ A train step is forward + backward + AdamW step on random images and labels at t
 official crop (input_resolution: 512 for ResNets, 640 for ViT-B); evaluation is whole-image
 inference at the same size under no_grad. Evaluation must reuse the cached text features: the
 bench counts text-encoder calls during the timed eval iterations and reports them (expected 0).
-Peak memory is torch.cuda.max_memory_allocated on GPU and the growth of the process's peak
-RSS on CPU (a coarse upper bound: it includes the allocator's caches).
+Peak memory is torch.cuda.max_memory_allocated on GPU (train and eval separately). On CPU it is the
+peak RSS of a fresh process that ran only that config (train then eval; Python and torch included),
+so each config is measured in its own subprocess.
 """
 import argparse
+import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -24,6 +28,13 @@ DEFAULT_CONFIGS = ["denseclip_tiny", "fpn_tiny", "fpn_clip_r50", "denseclip_r50"
 
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_in_subprocess(name, argv):
+    """CPU: the peak RSS of a process is all we can read, so give each config a process of its own."""
+    out = subprocess.run([sys.executable, __file__, "--configs", name, "--child", *argv], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure(name, device, batch, iters, warmup, amp, size=None, num_classes=150):
@@ -39,7 +50,6 @@ def measure(name, device, batch, iters, warmup, amp, size=None, num_classes=150)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss0 = peak_rss_mib()
 
     model.train()
     for i in range(warmup + iters):
@@ -53,7 +63,7 @@ def measure(name, device, batch, iters, warmup, amp, size=None, num_classes=150)
         opt.step()
     sync()
     train_ips = batch * iters / (time.perf_counter() - t0)
-    train_mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib() - rss0
+    train_mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
 
     model.eval()
     calls = []
@@ -69,7 +79,7 @@ def measure(name, device, batch, iters, warmup, amp, size=None, num_classes=150)
             model(x)
     sync()
     eval_ips = batch * iters / (time.perf_counter() - t0)
-    eval_mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib() - rss0
+    eval_mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
     return dict(config=name, size=size, batch=batch, train_ips=train_ips, train_mem=train_mem, eval_ips=eval_ips,
                 eval_mem=eval_mem, text_calls=len(calls))
 
@@ -84,22 +94,32 @@ def main(argv=None):
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--size", type=int, default=None, help="input size (default: the config's official crop)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one config, JSON out
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.child:
+        r = measure(args.configs[0], device, args.batch_size, args.iters, args.warmup, args.amp, args.size)
+        print(json.dumps(r))
+        return [r]
+    child_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if k not in ("configs", "child") and v is not None]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, amp={args.amp}")
-    mem = "peak MiB" if device.type == "cuda" else "peak RSS growth MiB"
+    mem = "peak MiB" if device.type == "cuda" else "process peak RSS MiB"
     print(f"{'config':24s} {'size':>5s} {'batch':>5s} {'train img/s':>12s} {'eval img/s':>11s} "
-          f"{'train ' + mem:>24s} {'eval ' + mem:>22s} {'text calls in eval':>19s}")
+          f"{'train ' + mem:>27s} {'eval ' + mem:>26s} {'text calls in eval':>19s}")
     rows = []
     for name in args.configs:
-        r = measure(name, device, args.batch_size, args.iters, args.warmup, args.amp, args.size)
+        if device.type == "cpu":
+            r = measure_in_subprocess(name, child_argv)
+        else:
+            r = measure(name, device, args.batch_size, args.iters, args.warmup, args.amp, args.size)
         rows.append(r)
         print(f"{name:24s} {r['size']:5d} {r['batch']:5d} {r['train_ips']:12.2f} {r['eval_ips']:11.2f} "
-              f"{r['train_mem']:24.0f} {r['eval_mem']:22.0f} {r['text_calls']:19d}", flush=True)
+              f"{r['train_mem']:27.0f} {r['eval_mem']:26.0f} {r['text_calls']:19d}", flush=True)
     return rows
 
 
