@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from denseclip import data
+from denseclip import data, transforms
 from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS, DenseCLIPConfig
 from denseclip.metrics import ConfusionMatrix
@@ -108,8 +108,8 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     n = None if train else args.val_size or None  # 0 or unset: all
     if args.dataset == "procedural":
         return data.ProceduralShapes(split, size=crop, length=n, seed=args.seed)
-    transform = data.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
-        else data.TestTransform(scale=tuple(args.scale))
+    transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
+        else transforms.TestTransform(scale=tuple(args.scale))
     if args.dataset == "ade20k":
         dataset = data.ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
                               transform, seed=args.seed)

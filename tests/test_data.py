@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from denseclip.data import (ADE20K, ADE20K_CLASSES, CLIP_MEAN, CLIP_STD, FolderSegmentation, ProceduralShapes,
-                            TestTransform, TrainTransform, hsv_to_rgb, normalize, resize_image, resize_label,
-                            rgb_to_hsv, sample_rng)
+from denseclip.data import ADE20K, ADE20K_CLASSES, FolderSegmentation, ProceduralShapes, sample_rng
+from denseclip.transforms import (CLIP_MEAN, CLIP_STD, TestTransform, TrainTransform, hsv_to_rgb, normalize,
+                                  resize_image, resize_label, rgb_to_hsv)
 from denseclip.metrics import ConfusionMatrix
 
 # ------------------------------------------------------------------------------------------ procedural
@@ -75,18 +75,36 @@ def _digest(a):
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
-def test_resize_and_hsv_match_opencv_bit_exactly():
+@pytest.mark.parametrize("use_cv2", [False, True])  # our NumPy arithmetic, and OpenCV itself when installed
+def test_resize_and_hsv_match_opencv_bit_exactly(use_cv2):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
     hsv = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     hsv[..., 0] %= 180
-    assert _digest(resize_image(img, 50, 17)) == "3e5c0150e81d217e"
-    assert _digest(resize_image(img, 12, 9)) == "2520db1181f6b717"
-    assert _digest(resize_label(img[..., 0], 50, 17)) == "a18295cf68e06475"
-    assert _digest(rgb_to_hsv(img)) == "2fd6f4690154c09a"
-    assert _digest(hsv_to_rgb(hsv)) == "8526911cc57c1f78"
-    assert _digest(hsv_to_rgb(hsv[:, :50])) == "5a677b81a03382b0"  # 50 = 32 vectorised + 18 scalar pixels per row
+    assert _digest(resize_image(img, 50, 17, use_cv2)) == "3e5c0150e81d217e"
+    assert _digest(resize_image(img, 12, 9, use_cv2)) == "2520db1181f6b717"
+    assert _digest(resize_label(img[..., 0], 50, 17, use_cv2)) == "a18295cf68e06475"
+    assert _digest(rgb_to_hsv(img, use_cv2)) == "2fd6f4690154c09a"
+    assert _digest(hsv_to_rgb(hsv, use_cv2)) == "8526911cc57c1f78"
+    # 50 = 32 vectorised + 18 scalar pixels per row
+    assert _digest(hsv_to_rgb(hsv[:, :50], use_cv2)) == "5a677b81a03382b0"
     assert np.abs(hsv_to_rgb(rgb_to_hsv(img)).astype(int) - img).max() <= 8  # 8-bit HSV loses a little
+
+
+def test_numpy_ops_equal_installed_opencv_on_random_sizes():
+    """The dev extra installs opencv-python-headless, so this compares against whatever OpenCV CI has."""
+    import cv2
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        h, w = rng.integers(5, 300, 2)
+        nw, nh = (int(v) for v in rng.integers(3, 600, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(resize_image(img, nw, nh, use_cv2=False), cv2.resize(img, (nw, nh)))
+        assert np.array_equal(resize_label(img[..., 0], nw, nh, use_cv2=False),
+                              cv2.resize(img[..., 0], (nw, nh), interpolation=cv2.INTER_NEAREST))
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        assert np.array_equal(rgb_to_hsv(img, use_cv2=False), hsv)
+        assert np.array_equal(hsv_to_rgb(hsv, use_cv2=False), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
 
 
 # ------------------------------------------------------------------------------------------------- ADE20K
