@@ -1,6 +1,4 @@
 """Checkpoint loading: official DenseCLIP (mmseg) files, OpenAI CLIP initialisation, ours, errors."""
-import warnings
-
 import pytest
 import torch
 
@@ -8,9 +6,7 @@ import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint
 from denseclip.segmentor import build_model
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import clip as openai_clip
+from peers import openai_clip, tiny_openai_clip
 
 NAMES = ["wall", "floor", "sky", "tree", "person"] * 30  # 150 classes, as the official ADE20K configs
 
@@ -73,17 +69,10 @@ def test_model_without_text_encoder_exports_and_reloads(tmp_path):
         assert torch.equal(fresh(x), before)
 
 
-def _tiny_openai_clip():
-    # matches denseclip_tiny's towers except the image grid (CLIP 64 px vs our 128 px crops)
-    return openai_clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
-                                  vision_patch_size=None, context_length=77, vocab_size=49408,
-                                  transformer_width=128, transformer_heads=2, transformer_layers=2).float().eval()
-
-
 @pytest.mark.parametrize("name", ["denseclip_tiny", "fpn_tiny"])
 def test_openai_clip_initialises_the_encoders(name, tmp_path):
     torch.manual_seed(0)
-    clip_model = _tiny_openai_clip()
+    clip_model = tiny_openai_clip()
     path = tmp_path / "RN-tiny.pt"
     example = (torch.randn(1, 3, 64, 64), openai_clip.tokenize(["a"]))
     torch.jit.trace(clip_model, example, check_trace=False).save(str(path))
@@ -107,7 +96,7 @@ def test_openai_clip_initialises_the_encoders(name, tmp_path):
 
 
 def test_clip_file_of_another_architecture_is_an_error():
-    sd = _tiny_openai_clip().state_dict()
+    sd = tiny_openai_clip().state_dict()
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_checkpoint(build_model("denseclip_tiny", ["wall"], embed_dim=32), sd)
 

@@ -1,15 +1,12 @@
 """CLIP towers: parity with open_clip and OpenAI CLIP on shared random weights, dense outputs."""
 import warnings
 
+import open_clip
 import pytest
 import torch
+from peers import openai_clip, tiny_openai_clip
 
 from denseclip.clip import TextEncoder, VisionTransformer, load_clip, resize_pos_embed
-
-open_clip = pytest.importorskip("open_clip")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
-    import clip as openai_clip
 
 
 def _texts(n=4):
@@ -29,16 +26,9 @@ def test_parity_with_open_clip(name):
     assert img_err < 1e-5 and txt_err < 1e-5, (img_err, txt_err)
 
 
-def _tiny_openai_clip():
-    # vision heads = width * 32 // 64 and text heads = width // 64, as OpenAI's build_model infers them
-    return openai_clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
-                                  vision_patch_size=None, context_length=77, vocab_size=49408,
-                                  transformer_width=128, transformer_heads=2, transformer_layers=2).float().eval()
-
-
 def test_torchscript_archive_loads_like_openai(tmp_path):
     torch.manual_seed(0)
-    model = _tiny_openai_clip()
+    model = tiny_openai_clip()
     image, text = torch.randn(2, 3, 64, 64), _texts()
     archive = tmp_path / "RN-tiny.pt"
     traced = torch.jit.trace(model, (image, text), check_trace=False)
@@ -54,7 +44,7 @@ def test_torchscript_archive_loads_like_openai(tmp_path):
 
 def test_plain_state_dict_file_loads(tmp_path):
     torch.manual_seed(0)
-    model = _tiny_openai_clip()
+    model = tiny_openai_clip()
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     ours = load_clip(str(tmp_path / "sd.pt"))
     text = _texts()
@@ -64,7 +54,7 @@ def test_plain_state_dict_file_loads(tmp_path):
 
 def test_attention_pool_global_equals_clip_and_dense_shape():
     torch.manual_seed(0)
-    model = load_clip(_tiny_openai_clip().state_dict())
+    model = load_clip(tiny_openai_clip().state_dict())
     for size in (64, 96):  # 96: the positional grid is resized from 2x2 to 3x3
         image = torch.randn(2, 3, size, size)
         with torch.no_grad():
@@ -78,7 +68,7 @@ def test_dense_map_is_attention_with_each_position_as_query():
     """With a 1x1 grid there is one spatial token: querying with it must equal the mean token's
     query, because the mean of one token is itself (same tokens, same positional rows if equal)."""
     torch.manual_seed(0)
-    pool = load_clip(_tiny_openai_clip().state_dict()).visual.attnpool
+    pool = load_clip(tiny_openai_clip().state_dict()).visual.attnpool
     with torch.no_grad():
         pool.positional_embedding[1:] = pool.positional_embedding[:1]
         z_global, z_dense = pool(torch.randn(3, 512, 1, 1))
