@@ -8,176 +8,20 @@ Labels are compared at their original resolution: the test transform resizes onl
 prediction (softmax averaged over scales and flips) is resized back to the label's size, as mmseg does.
 Distributed evaluation gives each rank an unpadded shard (rank, rank + world, ...) and sums the confusion
 matrices with one all_reduce, so 1 and N processes report the same mIoU (DistributedSampler would pad the
-last shard with repeated images and count them twice).
-
-This file also holds what train.py shares with it: the data options, dataset construction, the distributed
-set-up and `evaluate`.
+last shard with repeated images and count them twice). The shared pieces (data options, datasets, `evaluate`)
+live in denseclip/engine.py, the distributed set-up in denseclip/distributed.py.
 """
 import argparse
-import ast
-import contextlib
 import json
-import os
-import pickle
-from dataclasses import fields
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from PIL import Image
 
-from denseclip import data, transforms
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, DenseCLIPConfig
-from denseclip.metrics import ConfusionMatrix
+from denseclip.configs import CONFIGS
+from denseclip.distributed import init_distributed, print0
+from denseclip.engine import AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, saved_train_args
 from denseclip.segmentor import build_model
-
-AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
-
-
-# ------------------------------------------------------------------------------------ distributed helpers
-def init_distributed(device: str = None):
-    """(rank, world_size, device) from the variables torchrun sets; NCCL on GPUs, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only: the other ranks run the same code and would repeat every line."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def autocast(device: torch.device, amp: str):
-    """torch.autocast for --amp {bf16, fp16}; a no-op for 'none'."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-# -------------------------------------------------------------------------------------------- options
-def add_data_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder"], default="procedural",
-                   help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
-                        "layout; folder: your own images/labels (see --img-dir)")
-    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root")
-    g.add_argument("--img-dir", default="images", help="folder: images under DATA_ROOT/IMG_DIR/SPLIT")
-    g.add_argument("--ann-dir", default="annotations", help="folder: labels (same stem) under DATA_ROOT/ANN_DIR/SPLIT")
-    g.add_argument("--train-split", default="training", help="folder: training split name (default: training)")
-    g.add_argument("--val-split", default="validation", help="folder: validation split name (default: validation)")
-    g.add_argument("--img-suffix", default=".jpg")
-    g.add_argument("--seg-suffix", default=".png")
-    g.add_argument("--reduce-zero-label", action="store_true", help="folder: label 0 is 'other' (ignored), k -> k-1")
-    g.add_argument("--class-names", help="folder: a text file with one class name per line, or 'cat,dog,sky'")
-    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
-                   help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
-    g.add_argument("--crop-size", type=int,
-                   help="training crop (default: the model's input_resolution); procedural: the image size")
-    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
-
-
-def config_overrides(items) -> dict:
-    """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; unknown fields fail."""
-    known, out = {f.name for f in fields(DenseCLIPConfig)}, {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
-        try:
-            out[key] = ast.literal_eval(value)  # numbers, tuples, True/False/None
-        except (ValueError, SyntaxError):
-            out[key] = value  # a bare word is a string
-    return out
-
-
-def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
-    """The train or val dataset named by the data options; split is 'train' or 'val'."""
-    crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
-    n = None if train else args.val_size or None  # 0 or unset: all
-    if args.dataset == "procedural":
-        return data.ProceduralShapes(split, size=crop, length=n, seed=args.seed)
-    transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
-        else transforms.TestTransform(scale=tuple(args.scale))
-    if args.dataset == "ade20k":
-        dataset = data.ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
-                              transform, seed=args.seed)
-    else:
-        if not args.data_root or not args.class_names:
-            raise SystemExit("--dataset folder needs --data-root and --class-names")
-        names = args.class_names if Path(args.class_names).is_file() else args.class_names.split(",")
-        root, sub = Path(args.data_root), args.train_split if train else args.val_split
-        dataset = data.FolderSegmentation(root / args.img_dir / sub, root / args.ann_dir / sub, names, transform,
-                                          args.img_suffix, args.seg_suffix, args.reduce_zero_label, seed=args.seed)
-    dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
-    return dataset
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def palette() -> list:
-    """PASCAL VOC's colour map (class bits spread over the high bits of R, G, B): 256 fixed, distinct colours;
-    index 0 is black and 255 (ignore) a pale grey."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        for j in range(8):
-            r |= ((i >> (3 * j)) & 1) << (7 - j)
-            g |= ((i >> (3 * j + 1)) & 1) << (7 - j)
-            b |= ((i >> (3 * j + 2)) & 1) << (7 - j)
-        pal += [r, g, b]
-    return pal
-
-
-def image_name(dataset, index: int) -> str:
-    """Where the prediction for sample `index` goes under --show-dir: the image's relative path, as .png."""
-    if hasattr(dataset, "samples"):
-        return Path(dataset.samples[index][0]).relative_to(dataset.img_dir).with_suffix(".png").as_posix()
-    return f"{index:06d}.png"
-
-
-@torch.no_grad()
-def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="none", workers=0, show_dir=None):
-    """Confusion matrix of `model` on `dataset`, summed over all ranks; one image at a time (sizes differ)."""
-    model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
-    cm = ConfusionMatrix(model.num_classes, model.cfg.ignore_index)
-    for index, (image, label) in zip(indices, loader):
-        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)  # (1, 3, h, w)
-        with autocast(device, amp):
-            probs = model.predict(image, out_size=label.shape[-2:], ratios=ratios, flip=flip, mode=mode)
-        pred = probs.argmax(dim=1)  # (1, H, W) at the label's resolution
-        cm.update(pred, label)
-        if show_dir:
-            path = Path(show_dir) / image_name(dataset, index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            im = Image.fromarray(pred[0].to(torch.uint8).cpu().numpy(), mode="P")
-            im.putpalette(palette())
-            im.save(path)  # a palette PNG: viewable, and its pixel values are the class indices
-    cm.reduce_from_all_processes()
-    return cm
-
-
-def saved_train_args(path: str) -> dict:
-    """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
-    try:  # mmap: only the small pickle is read here, not the tensors
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, ValueError):
-        return {}  # not a zip-format plain checkpoint (TorchScript, legacy format): load_checkpoint will tell
-    return obj.get("args", {}) if isinstance(obj, dict) else {}
 
 
 def parse_args(argv=None):

@@ -12,7 +12,6 @@ GPUs reaches the global batch (issues #13, #30), a frozen text encoder that is n
 import argparse
 import contextlib
 import json
-import os
 import random
 import time
 from dataclasses import replace
@@ -21,17 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS
+from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
+from denseclip.engine import (add_data_args, autocast, build_dataset, config_overrides, evaluate, latest_checkpoint,
+                              rng_state, save_checkpoint, set_rng_state, train_batches)
+from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups
 from denseclip.segmentor import build_model
-from eval import add_data_args, autocast, build_dataset, config_overrides, evaluate, init_distributed, print0
-
-WARMUP_RATIO = 1e-6  # mmcv's warmup_ratio in the official configs: warmup starts at base_lr * 1e-6
-POLY_POWER = 0.9
 
 # Options left unset take these values. ADE20K and user folders: the official 80k schedule at global batch 32
 # (4 images x 8 GPUs). Procedural: a CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from
@@ -97,156 +95,6 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-# ----------------------------------------------------------------------------------------- optimiser
-CUSTOM_KEYS = {"backbone": {"lr_mult": 0.1}, "text_encoder": {"lr_mult": 0.0}, "norm": {"decay_mult": 0.0}}
-
-
-def param_rule(name: str, custom_keys: dict) -> dict:
-    """mmcv's `paramwise_cfg.custom_keys`, as the official configs use it. The keys are sorted by length (longest
-    first), ties alphabetically; the FIRST key that is a substring of the parameter name applies, and only that
-    one. So every backbone parameter (its BatchNorms too) gets lr x0.1 with full weight decay, and a parameter
-    outside the backbone with 'norm' in its name (the context decoder's LayerNorms; the head's BatchNorms are
-    called 'bn') gets no weight decay. Returns {'key', 'lr_mult', 'decay_mult'}; key None when none matches."""
-    for key in sorted(sorted(custom_keys), key=len, reverse=True):
-        if key in name:
-            return {"key": key, "lr_mult": custom_keys[key].get("lr_mult", 1.0),
-                    "decay_mult": custom_keys[key].get("decay_mult", 1.0)}
-    return {"key": None, "lr_mult": 1.0, "decay_mult": 1.0}
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, custom_keys: dict) -> list:
-    """One optimiser group per matched key. Frozen parameters and lr_mult 0 get none: with mmcv they sat in the
-    optimiser at lr 0, which the poly floor makes (base 0 - min_lr) * coeff + min_lr > 0 after the first step
-    -- a likely cause of the text-encoder drift reported in issue #28."""
-    groups = {}
-    for name, p in model.named_parameters():
-        rule = param_rule(name, custom_keys)
-        if not p.requires_grad or rule["lr_mult"] == 0:
-            continue
-        group = groups.setdefault(rule["key"], {"params": [], "name": rule["key"] or "default",
-                                                "initial_lr": lr * rule["lr_mult"],
-                                                "weight_decay": weight_decay * rule["decay_mult"]})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def lr_at(it: int, base_lr: float, max_iters: int, warmup_iters: int, min_lr: float) -> float:
-    """mmcv's PolyLrUpdaterHook (power 0.9, absolute min_lr) with linear warmup from base x WARMUP_RATIO,
-    evaluated at the 0-based iteration `it` before its optimiser step."""
-    lr = (base_lr - min_lr) * (1 - it / max_iters) ** POLY_POWER + min_lr
-    if it < warmup_iters:
-        lr *= 1 - (1 - it / warmup_iters) * (1 - WARMUP_RATIO)
-    return lr
-
-
-# ----------------------------------------------------------------------------------- distributed data
-def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
-    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
-
-    Epoch e is the permutation rng(seed, e) of the dataset, cut to whole global micro-batches; rank r takes
-    positions r, r + world, ... (DistributedSampler's split), batch_size at a time. After k batches on every rank
-    exactly the first k * batch_size * world positions are consumed, so (epoch, seen) is the whole data state."""
-    per_step = batch_size * world
-    while True:
-        n = len(dataset) // per_step * per_step
-        if n == 0:
-            raise ValueError(f"{len(dataset)} training samples make no micro-batch of {per_step}")
-        mine = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank:n:world].tolist()
-        batches = [mine[i:i + batch_size] for i in range(seen // world, n // world, batch_size)]
-        dataset.set_epoch(epoch)  # before the loader forks its workers: they copy the dataset
-        # A private generator: the loader's worker base seed must not consume the global RNG that dropout uses
-        # (exact resume); the datasets draw from rng(seed, epoch, index) anyway.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                             pin_memory=torch.cuda.is_available(),
-                                             generator=torch.Generator().manual_seed(seed + epoch))
-        for k, (images, labels) in enumerate(loader, 1):
-            yield epoch, seen + k * per_step, images, labels
-        epoch, seen = epoch + 1, 0
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """nn.SyncBatchNorm for CPU processes (gloo), which PyTorch's does not support: training statistics over the
-    global batch from all-reduced per-channel sums (two passes: mean, then squared deviations), differentiable
-    through torch.distributed.nn's all_reduce. Same parameters and buffers as BatchNorm, so checkpoints match."""
-
-    def _check_input_dim(self, input):
-        pass
-
-    def forward(self, input):
-        if not self.training:
-            return super().forward(input)
-        x = input.float()  # statistics in fp32, also under autocast
-        dims = [d for d in range(x.dim()) if d != 1]  # all but channels
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        count = dist_fn.all_reduce(torch.tensor(float(x.numel() // x.shape[1])))
-        mean = dist_fn.all_reduce(x.sum(dims)) / count
-        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, for normalising
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-            self.running_mean.lerp_(mean, m)
-            self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm stores it
-        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(input.dtype)
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm (CUDA) or CPUSyncBatchNorm; called only when world size > 1."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        return new
-    for name, child in module.named_children():
-        setattr(module, name, convert_sync_batchnorm(child, device))
-    return module
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def rng_state() -> dict:
-    """Every RNG this process draws from, as plain data (weights_only loading accepts nothing else)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
-def save_checkpoint(obj: dict, path: Path):
-    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(out_dir: Path):
-    paths = sorted(out_dir.glob("iter_*.pt"))
-    return paths[-1] if paths else None
-
-
-def reduce_mean(values: dict, world: int) -> dict:
-    """Average tensors over ranks for logging (one all_reduce)."""
-    stacked = torch.stack(list(values.values()))
-    if world > 1:
-        dist.all_reduce(stacked)
-        stacked /= world
-    return dict(zip(values, stacked.tolist()))
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -14,6 +14,7 @@ from test_train import ROOT, make_folder_dataset, torchrun  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
+from denseclip import engine  # noqa: E402
 from denseclip.data import SHAPE_CLASSES, ProceduralShapes  # noqa: E402
 from denseclip.segmentor import build_model  # noqa: E402
 
@@ -46,18 +47,18 @@ def test_aug_test_at_ratio_one_without_flip_is_single_scale(model):
         single = model(x).softmax(dim=1)
     assert torch.equal(model.predict(x, ratios=(1.0,), flip=False, mode="whole"), single)
     # the full official aug test: probabilities at the requested size, and flipping the input flips the output
-    probs = model.predict(x, out_size=(50, 70), ratios=evaluation.AUG_RATIOS, flip=True, mode="whole")
+    probs = model.predict(x, out_size=(50, 70), ratios=engine.AUG_RATIOS, flip=True, mode="whole")
     assert probs.shape == (2, len(SHAPE_CLASSES), 50, 70)
     assert torch.allclose(probs.sum(1), torch.ones(2, 50, 70), atol=1e-5)
-    flipped = model.predict(x.flip(-1), out_size=(50, 70), ratios=evaluation.AUG_RATIOS, flip=True, mode="whole")
+    flipped = model.predict(x.flip(-1), out_size=(50, 70), ratios=engine.AUG_RATIOS, flip=True, mode="whole")
     assert torch.allclose(flipped, probs.flip(-1), atol=1e-5)
 
 
 def test_evaluate_ratio_one_equals_default(model):
     ds = ProceduralShapes("val", size=64, length=4)
     cpu = torch.device("cpu")
-    a = evaluation.evaluate(model, ds, cpu)
-    b = evaluation.evaluate(model, ds, cpu, ratios=[1.0], flip=False, mode="slide")
+    a = engine.evaluate(model, ds, cpu)
+    b = engine.evaluate(model, ds, cpu, ratios=[1.0], flip=False, mode="slide")
     assert torch.equal(a.mat, b.mat)
 
 
@@ -96,12 +97,12 @@ def test_distributed_eval_matches_one_process(model, tmp_path):
 
 
 def test_config_overrides():
-    assert evaluation.config_overrides(["head_dropout=0", "test_mode=slide", "vision_layers=(1, 2)"]) == \
+    assert engine.config_overrides(["head_dropout=0", "test_mode=slide", "vision_layers=(1, 2)"]) == \
         {"head_dropout": 0, "test_mode": "slide", "vision_layers": (1, 2)}
     with pytest.raises(SystemExit, match="head_dropuot"):
-        evaluation.config_overrides(["head_dropuot=0"])
+        engine.config_overrides(["head_dropuot=0"])
 
 
 def test_palette_is_fixed():
-    pal = evaluation.palette()
+    pal = engine.palette()
     assert len(pal) == 768 and pal[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0] and pal[-3:] == [224, 224, 192]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluation  # noqa: E402  (repo-root scripts)
 import train  # noqa: E402
+from denseclip import optim  # noqa: E402
 from denseclip.data import SHAPE_CLASSES, render_shapes  # noqa: E402
 from denseclip.segmentor import build_model  # noqa: E402
 
@@ -62,8 +63,8 @@ def torchrun(script, args, nproc=2):
 
 # ------------------------------------------------------------------------------------- optimiser rules
 def test_param_rule_is_mmcv_custom_keys():
-    keys = train.CUSTOM_KEYS
-    rule = {name: train.param_rule(name, keys) for name in [
+    keys = optim.CUSTOM_KEYS
+    rule = {name: optim.param_rule(name, keys) for name in [
         "backbone.layer1.0.bn1.weight", "backbone.attnpool.q_proj.weight", "text_encoder.ln_final.weight",
         "context_decoder.decoder.0.norm1.weight", "decode_head.scale_heads.0.0.bn.weight", "neck.fpn_convs.0.conv.bias",
         "contexts", "gamma"]}
@@ -76,12 +77,12 @@ def test_param_rule_is_mmcv_custom_keys():
     for name in ("decode_head.scale_heads.0.0.bn.weight", "neck.fpn_convs.0.conv.bias", "contexts", "gamma"):
         assert rule[name] == {"key": None, "lr_mult": 1.0, "decay_mult": 1.0}, name
     # keys of equal length are tried alphabetically: 'abcd' before 'norm'
-    assert train.param_rule("x.norm.abcd", {"norm": {"lr_mult": 2.0}, "abcd": {"lr_mult": 3.0}})["key"] == "abcd"
+    assert optim.param_rule("x.norm.abcd", {"norm": {"lr_mult": 2.0}, "abcd": {"lr_mult": 3.0}})["key"] == "abcd"
 
 
 def test_param_groups_skip_the_frozen_text_encoder():
     model = build_model("denseclip_tiny", SHAPE_CLASSES)
-    groups = {g["name"]: g for g in train.param_groups(model, 1e-4, 1e-4, train.CUSTOM_KEYS)}
+    groups = {g["name"]: g for g in optim.param_groups(model, 1e-4, 1e-4, optim.CUSTOM_KEYS)}
     assert set(groups) == {"default", "backbone", "norm"}
     assert groups["backbone"]["initial_lr"] == pytest.approx(1e-5) and groups["backbone"]["weight_decay"] == 1e-4
     assert groups["norm"]["weight_decay"] == 0.0 and groups["default"]["weight_decay"] == 1e-4
@@ -94,7 +95,7 @@ def test_param_groups_skip_the_frozen_text_encoder():
 
 def test_lr_schedule_values():
     def lr(it):
-        return train.lr_at(it, 1e-4, max_iters=1000, warmup_iters=100, min_lr=1e-6)
+        return optim.lr_at(it, 1e-4, max_iters=1000, warmup_iters=100, min_lr=1e-6)
 
     assert lr(0) == pytest.approx(1e-4 * 1e-6)  # warmup starts at base * warmup_ratio
     assert lr(50) == pytest.approx((9.9e-5 * 0.95 ** 0.9 + 1e-6) * (0.5 + 0.5e-6))
@@ -102,7 +103,7 @@ def test_lr_schedule_values():
     assert lr(500) == pytest.approx(9.9e-5 * 0.5358867312681466 + 1e-6)
     assert lr(999) == pytest.approx(9.9e-5 * 0.001 ** 0.9 + 1e-6)
     # min_lr is absolute: a group at base 1e-5 decays towards 1e-6 too
-    assert train.lr_at(500, 1e-5, 1000, 100, 1e-6) == pytest.approx(9e-6 * 0.5358867312681466 + 1e-6)
+    assert optim.lr_at(500, 1e-5, 1000, 100, 1e-6) == pytest.approx(9e-6 * 0.5358867312681466 + 1e-6)
 
 
 def test_global_batch_must_divide(tmp_path):

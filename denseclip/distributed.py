@@ -1,0 +1,83 @@
+"""Distributed set-up the plain way (torchrun's RANK / WORLD_SIZE / LOCAL_RANK), rank-0 printing, and
+synchronised BatchNorm on CPU, shared by train.py, eval.py and demo scripts.
+
+NCCL on GPUs, gloo on CPU, so two CPU processes run in CI. SyncBN only when world size > 1 (the official code
+forced it and crashed on one GPU, issue #24). PyTorch's nn.SyncBatchNorm refuses CPU tensors, hence
+CPUSyncBatchNorm below, with the same parameters and buffers so checkpoints do not depend on the device.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+
+def init_distributed(device: str = None):
+    """(rank, world_size, device) from the variables torchrun sets; NCCL on GPUs, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: the other ranks run the same code and would repeat every line."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def reduce_mean(values: dict, world: int) -> dict:
+    """Average tensors over ranks for logging (one all_reduce)."""
+    stacked = torch.stack(list(values.values()))
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(values, stacked.tolist()))
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.SyncBatchNorm for CPU processes (gloo), which PyTorch's does not support: training statistics over the
+    global batch from all-reduced per-channel sums (two passes: mean, then squared deviations), differentiable
+    through torch.distributed.nn's all_reduce. Same parameters and buffers as BatchNorm, so checkpoints match."""
+
+    def _check_input_dim(self, input):
+        pass
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        x = input.float()  # statistics in fp32, also under autocast
+        dims = [d for d in range(x.dim()) if d != 1]  # all but channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = dist_fn.all_reduce(torch.tensor(float(x.numel() // x.shape[1])))
+        mean = dist_fn.all_reduce(x.sum(dims)) / count
+        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, for normalising
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(mean, m)
+            self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm stores it
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (CUDA) or CPUSyncBatchNorm; called only when world size > 1."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module

@@ -1,0 +1,207 @@
+"""What train.py and eval.py share: the data options and dataset construction, mixed precision, the
+resumable distributed batch stream, training checkpoints (atomic writes, every RNG state) and evaluation.
+
+Kept in the package (as torchvision's references keep theirs in utils.py) so that neither script imports the
+other and each reads as one plain loop.
+"""
+import argparse
+import ast
+import contextlib
+import os
+import pickle
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from . import data, transforms
+from .configs import DenseCLIPConfig
+from .metrics import ConfusionMatrix
+
+AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
+
+
+def autocast(device: torch.device, amp: str):
+    """torch.autocast for --amp {bf16, fp16}; a no-op for 'none'."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# -------------------------------------------------------------------------------------------- options
+def add_data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder"], default="procedural",
+                   help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
+                        "layout; folder: your own images/labels (see --img-dir)")
+    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root")
+    g.add_argument("--img-dir", default="images", help="folder: images under DATA_ROOT/IMG_DIR/SPLIT")
+    g.add_argument("--ann-dir", default="annotations", help="folder: labels (same stem) under DATA_ROOT/ANN_DIR/SPLIT")
+    g.add_argument("--train-split", default="training", help="folder: training split name (default: training)")
+    g.add_argument("--val-split", default="validation", help="folder: validation split name (default: validation)")
+    g.add_argument("--img-suffix", default=".jpg")
+    g.add_argument("--seg-suffix", default=".png")
+    g.add_argument("--reduce-zero-label", action="store_true", help="folder: label 0 is 'other' (ignored), k -> k-1")
+    g.add_argument("--class-names", help="folder: a text file with one class name per line, or 'cat,dog,sky'")
+    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
+                   help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
+    g.add_argument("--crop-size", type=int,
+                   help="training crop (default: the model's input_resolution); procedural: the image size")
+    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
+
+
+def config_overrides(items) -> dict:
+    """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; unknown fields fail."""
+    known, out = {f.name for f in fields(DenseCLIPConfig)}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        try:
+            out[key] = ast.literal_eval(value)  # numbers, tuples, True/False/None
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word is a string
+    return out
+
+
+def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
+    """The train or val dataset named by the data options; split is 'train' or 'val'."""
+    crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
+    n = None if train else args.val_size or None  # 0 or unset: all
+    if args.dataset == "procedural":
+        return data.ProceduralShapes(split, size=crop, length=n, seed=args.seed)
+    transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
+        else transforms.TestTransform(scale=tuple(args.scale))
+    if args.dataset == "ade20k":
+        dataset = data.ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
+                              transform, seed=args.seed)
+    else:
+        if not args.data_root or not args.class_names:
+            raise SystemExit("--dataset folder needs --data-root and --class-names")
+        names = args.class_names if Path(args.class_names).is_file() else args.class_names.split(",")
+        root, sub = Path(args.data_root), args.train_split if train else args.val_split
+        dataset = data.FolderSegmentation(root / args.img_dir / sub, root / args.ann_dir / sub, names, transform,
+                                          args.img_suffix, args.seg_suffix, args.reduce_zero_label, seed=args.seed)
+    dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
+    return dataset
+
+
+def saved_train_args(path: str) -> dict:
+    """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
+    try:  # mmap: only the small pickle is read here, not the tensors
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, ValueError):
+        return {}  # not a zip-format plain checkpoint (TorchScript, legacy format): load_checkpoint will tell
+    return obj.get("args", {}) if isinstance(obj, dict) else {}
+
+
+# ----------------------------------------------------------------------------------- distributed data
+def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
+    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
+
+    Epoch e is the permutation rng(seed, e) of the dataset, cut to whole global micro-batches; rank r takes
+    positions r, r + world, ... (DistributedSampler's split), batch_size at a time. After k batches on every rank
+    exactly the first k * batch_size * world positions are consumed, so (epoch, seen) is the whole data state."""
+    per_step = batch_size * world
+    while True:
+        n = len(dataset) // per_step * per_step
+        if n == 0:
+            raise ValueError(f"{len(dataset)} training samples make no micro-batch of {per_step}")
+        mine = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank:n:world].tolist()
+        batches = [mine[i:i + batch_size] for i in range(seen // world, n // world, batch_size)]
+        dataset.set_epoch(epoch)  # before the loader forks its workers: they copy the dataset
+        # A private generator: the loader's worker base seed must not consume the global RNG that dropout uses
+        # (exact resume); the datasets draw from rng(seed, epoch, index) anyway.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             pin_memory=torch.cuda.is_available(),
+                                             generator=torch.Generator().manual_seed(seed + epoch))
+        for k, (images, labels) in enumerate(loader, 1):
+            yield epoch, seen + k * per_step, images, labels
+        epoch, seen = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def rng_state() -> dict:
+    """Every RNG this process draws from, as plain data (weights_only loading accepts nothing else)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def save_checkpoint(obj: dict, path: Path):
+    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: Path):
+    paths = sorted(out_dir.glob("iter_*.pt"))
+    return paths[-1] if paths else None
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def palette() -> list:
+    """PASCAL VOC's colour map (class bits spread over the high bits of R, G, B): 256 fixed, distinct colours;
+    index 0 is black and 255 (ignore) a pale grey."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        for j in range(8):
+            r |= ((i >> (3 * j)) & 1) << (7 - j)
+            g |= ((i >> (3 * j + 1)) & 1) << (7 - j)
+            b |= ((i >> (3 * j + 2)) & 1) << (7 - j)
+        pal += [r, g, b]
+    return pal
+
+
+def image_name(dataset, index: int) -> str:
+    """Where the prediction for sample `index` goes under --show-dir: the image's relative path, as .png."""
+    if hasattr(dataset, "samples"):
+        return Path(dataset.samples[index][0]).relative_to(dataset.img_dir).with_suffix(".png").as_posix()
+    return f"{index:06d}.png"
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="none", workers=0, show_dir=None):
+    """Confusion matrix of `model` on `dataset`, summed over all ranks; one image at a time (sizes differ)."""
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    cm = ConfusionMatrix(model.num_classes, model.cfg.ignore_index)
+    for index, (image, label) in zip(indices, loader):
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)  # (1, 3, h, w)
+        with autocast(device, amp):
+            probs = model.predict(image, out_size=label.shape[-2:], ratios=ratios, flip=flip, mode=mode)
+        pred = probs.argmax(dim=1)  # (1, H, W) at the label's resolution
+        cm.update(pred, label)
+        if show_dir:
+            path = Path(show_dir) / image_name(dataset, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(pred[0].to(torch.uint8).cpu().numpy(), mode="P")
+            im.putpalette(palette())
+            im.save(path)  # a palette PNG: viewable, and its pixel values are the class indices
+    cm.reduce_from_all_processes()
+    return cm
