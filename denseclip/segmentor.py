@@ -2,7 +2,7 @@
 
     image -> backbone -> x1..x4, z̄, z          (clip.py)
     class names + learnable contexts -> text encoder -> t          (K, D)
-    t <- t + γ · ContextDecoder(t, [z̄; z])                          (prompting.py, post-model)
+    t <- t + γ · ContextDecoder(t, [z̄; z])                          (language.py, post-model)
     s = <ẑ, t̂>  (B, K, h, w);  x4 <- [x4, s]  -> FPN -> Semantic-FPN head -> logits
     loss = CE(logits, y) + 0.4 · CE(s / τ, y)
 
@@ -10,9 +10,8 @@ Mirrors the official `DenseCLIP` segmentor plus mmseg's `FPN` neck and `FPNHead`
 parameter names (`neck.lateral_convs.0.conv.weight`, `decode_head.scale_heads.1.0.bn.weight`, ...)
 so official checkpoints load without renaming. Differences from the official code:
 - no mmcv/mmseg: the neck, head, losses and slide inference are written out here;
-- the text encoder is frozen with requires_grad_(False) (official: lr 0, issue #28), and at
-  evaluation its output is computed once and cached (official: every forward, issue #40);
-- a class name longer than the token budget is a clear error naming it (official: a crash);
+- the text side (frozen text encoder, cached at evaluation; contexts; context decoder; score map) is
+  language.py's, shared with detection;
 - pre-model prompting (the paper's ablation) and an ImageNet ResNet-50 backbone are selectable.
 Shape letters: B batch, K classes, D joint dim, h w = feature grid at stride 32 (16 for ViT's z).
 """
@@ -24,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import AttentionPool2d, ModifiedResNet, TextEncoder, VisionTransformer
+from .clip import AttentionPool2d, ModifiedResNet, VisionTransformer
 from .configs import CONFIGS, DenseCLIPConfig
-from .prompting import ContextDecoder, PreModelPrompter
-from .tokenizer import tokenize
+from .language import PixelTextMatching
 
 
 def resize(x, size):
@@ -138,108 +136,28 @@ def build_backbone(cfg: DenseCLIPConfig) -> nn.Module:
     raise ValueError(f"unknown backbone {cfg.backbone!r}: expected 'resnet', 'vit' or 'torchvision_resnet50'")
 
 
-def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> torch.Tensor:
-    """(K, length) token ids; a name that does not fit the budget is an error naming it."""
-    rows = []
-    for name in names:
-        try:
-            rows.append(tokenize(name, context_length=length, truncate=truncate))
-        except RuntimeError:
-            raise ValueError(f"class name {name!r} needs more than {length} tokens (SOT + BPE + EOT); raise "
-                             f"class_token_length or set truncate_class_names=True") from None
-    return torch.cat(rows)
-
-
 def seg_cross_entropy(logits, labels, ignore_index: int):
     """Pixel CE, averaged over ALL pixels with ignored ones counting zero: mmseg 0.19's behaviour
     (the official numbers were trained with it), not PyTorch's mean over non-ignored pixels."""
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
 
 
-class DenseCLIP(nn.Module):
+class DenseCLIP(PixelTextMatching):
     """model(images) -> logits (B, K, H, W) at input size; model(images, labels) -> dict of losses."""
 
     def __init__(self, cfg: DenseCLIPConfig, class_names: Sequence[str]):
         super().__init__()
-        if cfg.prompting not in ("post", "pre", "none"):
-            raise ValueError(f"prompting must be 'post', 'pre' or 'none', not {cfg.prompting!r}")
-        self.cfg, self.class_names = cfg, [n.strip() for n in class_names]
-        K = self.num_classes = len(self.class_names)
+        self.cfg = cfg
         self.backbone = build_backbone(cfg)
+        self.init_language(cfg, class_names)  # text encoder, contexts, context decoder, gamma (language.py)
+        K = self.num_classes
         channels = list(self.backbone.out_channels)
         if cfg.use_text:
-            self.text_encoder = TextEncoder(cfg.class_token_length + cfg.num_contexts, cfg.vocab_size, cfg.text_width,
-                                            cfg.text_heads, cfg.text_layers, cfg.embed_dim)
-            if cfg.freeze_text_encoder:
-                self.text_encoder.requires_grad_(False)
-            texts = tokenize_class_names(self.class_names, cfg.class_token_length, cfg.truncate_class_names)
-            self.register_buffer("texts", texts, persistent=False)  # (K, class_token_length)
-            if cfg.prompting == "pre":
-                self.prompter = PreModelPrompter(cfg.num_contexts, cfg.text_width, cfg.embed_dim, cfg.decoder_width,
-                                                 cfg.decoder_heads, cfg.decoder_layers, cfg.decoder_dropout)
-            else:  # learnable contexts (1, M, text_width), truncated normal with std 1 as the official code
-                self.contexts = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_contexts, cfg.text_width)))
-            if cfg.prompting == "post":
-                self.context_decoder = ContextDecoder(cfg.embed_dim, cfg.decoder_width, cfg.decoder_heads,
-                                                      cfg.decoder_layers, cfg.decoder_dropout)
-                self.gamma = nn.Parameter(torch.full((cfg.embed_dim,), cfg.gamma_init))
             channels[cfg.score_concat_index] += K  # the score map joins this level
         self.neck = FPN(channels, cfg.neck_channels)
         self.decode_head = FPNHead([cfg.neck_channels] * 4, cfg.head_channels, K, cfg.head_dropout)
-        self._text_cache = None
-
-    # --- text features: fixed once trained, so computed once per model at evaluation
-    def text_features(self) -> torch.Tensor:
-        """(1, K, D) for post-model / no prompting. Cached while in eval mode without autograd."""
-        if hasattr(self, "text_embeddings"):  # after drop_text_encoder()
-            return self.text_embeddings
-        if self._text_cache is not None:
-            return self._text_cache
-        text = self.text_encoder(self.texts, self.contexts)  # (1, K, D)
-        if not self.training and not torch.is_grad_enabled():
-            self._text_cache = text
-        return text
-
-    @torch.no_grad()
-    def drop_text_encoder(self):
-        """For deployment (official issue #40): the text features no longer change once trained, so keep
-        them as a buffer `text_embeddings` (1, K, D) and delete the text encoder and the contexts (RN50:
-        -63M parameters). load_checkpoint calls this itself for checkpoints saved after it."""
-        if self.cfg.prompting == "pre":
-            raise ValueError("pre-model prompting runs the text encoder on every image; it cannot be dropped")
-        if hasattr(self, "text_encoder"):
-            was_training = self.training
-            self.train(False)
-            self.register_buffer("text_embeddings", self.text_encoder(self.texts, self.contexts).detach())
-            del self.text_encoder, self.contexts, self.texts
-            self.train(was_training)
-        return self
-
-    def train(self, mode: bool = True):
-        self._text_cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .float(): the cache would be stale
-        self._text_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._text_cache = None
-        return super().load_state_dict(*args, **kwargs)
 
     # --- forward
-    def score_map(self, z_global, z_dense):
-        """Pixel-text score map s (B, K, h, w) from z̄ (B, D) and z (B, D, h, w), Eq. 3-5."""
-        B, D, h, w = z_dense.shape
-        visual = torch.cat([z_global[:, None], z_dense.flatten(2).transpose(1, 2)], dim=1)  # (B, 1+hw, D)
-        if self.cfg.prompting == "pre":
-            text = self.text_encoder(self.texts, self.prompter(visual))  # (B, K, D): per-image prompts
-        else:
-            text = self.text_features().to(z_dense.dtype).expand(B, -1, -1)  # (B, K, D)
-        if self.cfg.prompting == "post":
-            text = text + self.gamma * self.context_decoder(text, visual)  # (B, K, D)
-        return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense, dim=1), F.normalize(text, dim=2))  # (B, K, h, w)
-
     def forward_logits(self, images):
         """-> (logits (B, K, H/4, W/4), score map (B, K, h, w) or None)"""
         feats, z_global, z_dense = self.backbone.forward_dense(images)

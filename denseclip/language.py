@@ -1,0 +1,116 @@
+"""The language side of DenseCLIP, shared by every task (segmentation and detection): class names with
+learnable contexts through CLIP's frozen text encoder (paper Sec. 3.2, CoOp), context-aware prompting
+(Sec. 3.3: the post-model context decoder, or the pre-model prompter of the ablation) and the pixel-text
+score map s = <ẑ, t̂> (Eq. 5).
+
+`PixelTextMatching` is a base class for a task model, not a submodule: its parameters keep the official
+top-level names (`text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`) so official checkpoints load
+without renaming. Differences from the official code:
+- the text encoder is frozen with requires_grad_(False) (official: lr 0, issue #28), and at evaluation its
+  output is computed once and cached (official: every forward, issue #40); `drop_text_encoder` exports it;
+- a class name longer than the token budget is a clear error naming it (official: a crash).
+Shape letters: B batch, K classes, D joint dim, h w = the dense feature grid, M learnable contexts.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import TextEncoder
+from .prompting import ContextDecoder, PreModelPrompter
+from .tokenizer import tokenize
+
+
+def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> torch.Tensor:
+    """(K, length) token ids; a name that does not fit the budget is an error naming it."""
+    rows = []
+    for name in names:
+        try:
+            rows.append(tokenize(name, context_length=length, truncate=truncate))
+        except RuntimeError:
+            raise ValueError(f"class name {name!r} needs more than {length} tokens (SOT + BPE + EOT); raise "
+                             f"class_token_length or set truncate_class_names=True") from None
+    return torch.cat(rows)
+
+
+class PixelTextMatching(nn.Module):
+    """Base class of the DenseCLIP task models. `init_language(cfg, class_names)` builds the text side from the
+    config fields use_text, class_token_length, num_contexts, text_*, vocab_size, embed_dim,
+    freeze_text_encoder, truncate_class_names, prompting, decoder_* and gamma_init."""
+
+    def init_language(self, cfg, class_names: Sequence[str]):
+        if cfg.prompting not in ("post", "pre", "none"):
+            raise ValueError(f"prompting must be 'post', 'pre' or 'none', not {cfg.prompting!r}")
+        self.class_names = [n.strip() for n in class_names]
+        self.num_classes = len(self.class_names)
+        self._text_cache = None
+        if not cfg.use_text:
+            return
+        self.text_encoder = TextEncoder(cfg.class_token_length + cfg.num_contexts, cfg.vocab_size, cfg.text_width,
+                                        cfg.text_heads, cfg.text_layers, cfg.embed_dim)
+        if cfg.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+        texts = tokenize_class_names(self.class_names, cfg.class_token_length, cfg.truncate_class_names)
+        self.register_buffer("texts", texts, persistent=False)  # (K, class_token_length)
+        if cfg.prompting == "pre":
+            self.prompter = PreModelPrompter(cfg.num_contexts, cfg.text_width, cfg.embed_dim, cfg.decoder_width,
+                                             cfg.decoder_heads, cfg.decoder_layers, cfg.decoder_dropout)
+        else:  # learnable contexts (1, M, text_width), truncated normal with std 1 as the official code
+            self.contexts = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cfg.num_contexts, cfg.text_width)))
+        if cfg.prompting == "post":
+            self.context_decoder = ContextDecoder(cfg.embed_dim, cfg.decoder_width, cfg.decoder_heads,
+                                                  cfg.decoder_layers, cfg.decoder_dropout)
+            self.gamma = nn.Parameter(torch.full((cfg.embed_dim,), cfg.gamma_init))
+
+    # --- text features: fixed once trained, so computed once per model at evaluation
+    def text_features(self) -> torch.Tensor:
+        """(1, K, D) for post-model / no prompting. Cached while in eval mode without autograd."""
+        if hasattr(self, "text_embeddings"):  # after drop_text_encoder()
+            return self.text_embeddings
+        if self._text_cache is not None:
+            return self._text_cache
+        text = self.text_encoder(self.texts, self.contexts)  # (1, K, D)
+        if not self.training and not torch.is_grad_enabled():
+            self._text_cache = text
+        return text
+
+    @torch.no_grad()
+    def drop_text_encoder(self):
+        """For deployment (official issue #40): the text features no longer change once trained, so keep
+        them as a buffer `text_embeddings` (1, K, D) and delete the text encoder and the contexts (RN50:
+        -63M parameters). load_checkpoint calls this itself for checkpoints saved after it."""
+        if self.cfg.prompting == "pre":
+            raise ValueError("pre-model prompting runs the text encoder on every image; it cannot be dropped")
+        if hasattr(self, "text_encoder"):
+            was_training = self.training
+            self.train(False)
+            self.register_buffer("text_embeddings", self.text_encoder(self.texts, self.contexts).detach())
+            del self.text_encoder, self.contexts, self.texts
+            self.train(was_training)
+        return self
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .float(): the cache would be stale
+        self._text_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._text_cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    # --- the pixel-text score map
+    def score_map(self, z_global, z_dense):
+        """Pixel-text score map s (B, K, h, w) from z̄ (B, D) and z (B, D, h, w), Eq. 3-5 (cosine, not / τ)."""
+        B, D, h, w = z_dense.shape
+        visual = torch.cat([z_global[:, None], z_dense.flatten(2).transpose(1, 2)], dim=1)  # (B, 1+hw, D)
+        if self.cfg.prompting == "pre":
+            text = self.text_encoder(self.texts, self.prompter(visual))  # (B, K, D): per-image prompts
+        else:
+            text = self.text_features().to(z_dense.dtype).expand(B, -1, -1)  # (B, K, D)
+        if self.cfg.prompting == "post":
+            text = text + self.gamma * self.context_decoder(text, visual)  # (B, K, D)
+        return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense, dim=1), F.normalize(text, dim=2))  # (B, K, h, w)
