@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import denseclip
+import official_keys
+from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_retina_head_to_ours
 from denseclip.clip import AttentionPool2d
 from denseclip.configs import CONFIGS, task_of
 from denseclip.detection import FPN, MMDetAnchorGenerator, box_seg_loss, box_seg_targets
 from denseclip.optim import CUSTOM_KEYS, param_rule
+
+from peers import tiny_openai_clip
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -295,3 +299,65 @@ def test_configs_and_tasks():
         task_of("retinanet_r18")
     with pytest.raises(ValueError, match="must cover max_size"):
         denseclip.build_model("retinanet_denseclip_tiny", NAMES, max_size=300)
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+def _random_state_dict(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randint(0, 100, s, generator=g) if k.endswith("num_batches_tracked")
+            else torch.randn(s, generator=g) for k, s in spec.items()}
+
+
+@pytest.mark.parametrize("name", ["retinanet_denseclip_r50", "retinanet_clip_r50"])
+def test_official_retinanet_checkpoint_loads_strictly(name, tmp_path):
+    sd = _random_state_dict(getattr(official_keys, name)())
+    torch.save({"meta": {"mmdet_version": "2.17.0"}, "state_dict": sd}, tmp_path / "official.pth")
+    model = denseclip.build_model(name)  # COCO's 80 classes
+    report = load_checkpoint(model, str(tmp_path / "official.pth"))
+    assert report.kind == "model" and not report.missing and not report.unused and len(report.loaded) == len(sd)
+    ours = model.state_dict()
+    mapped = mmdet_retina_head_to_ours(sd)
+    assert len(mapped) == len(sd) and all(torch.equal(ours[k], v) for k, v in mapped.items())
+    assert torch.equal(ours["neck.fpn_convs.3.conv.weight"], sd["neck.fpn_convs.3.conv.weight"])  # names kept
+
+
+def test_mapped_head_gives_the_official_per_anchor_outputs():
+    K, A = 3, 9
+    sd = _random_state_dict(official_keys.retinanet_denseclip_tiny(K))
+    model = denseclip.build_model("retinanet_denseclip_tiny", NAMES)
+    load_checkpoint(model, sd)
+    feats = [torch.randn(2, 32, h, w) for h, w in ((12, 10), (6, 5), (3, 3), (2, 2), (1, 1))]
+    with torch.no_grad():
+        out = model.head(feats)
+
+    def official(branch, final, x):  # mmdet RetinaHead.forward_single, then the (N, H*W*A, C) layout of its loss
+        for i in range(4):
+            x = F.relu(F.conv2d(x, sd[f"bbox_head.{branch}.{i}.conv.weight"], sd[f"bbox_head.{branch}.{i}.conv.bias"],
+                                padding=1))
+        x = F.conv2d(x, sd[f"bbox_head.{final}.weight"], sd[f"bbox_head.{final}.bias"], padding=1)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1] // A)
+
+    cls = torch.cat([official("cls_convs", "retina_cls", f) for f in feats], dim=1)  # (N, sum H*W*A, K)
+    reg = torch.cat([official("reg_convs", "retina_reg", f) for f in feats], dim=1)  # (N, sum H*W*A, 4)
+    assert cls.shape == (2, (120 + 30 + 9 + 4 + 1) * A, K)
+    assert torch.allclose(out["cls_logits"], cls, atol=1e-4) and torch.allclose(out["bbox_regression"], reg, atol=1e-4)
+
+
+def test_head_mapping_fails_on_unknown_or_missing_keys():
+    sd = _random_state_dict(official_keys.retinanet_denseclip_tiny(3))
+    with pytest.raises(CheckpointError, match=r"bbox_head\.retina_iou\.weight"):
+        mmdet_retina_head_to_ours({**sd, "bbox_head.retina_iou.weight": torch.zeros(1)})
+    del sd["bbox_head.reg_convs.3.conv.bias"]
+    with pytest.raises(CheckpointError, match=r"missing \['head\.regression_head\.conv\.3\.0\.bias'\]"):
+        load_checkpoint(denseclip.build_model("retinanet_denseclip_tiny", NAMES), sd)
+
+
+def test_openai_clip_initialises_the_detector():
+    torch.manual_seed(0)
+    clip_sd = tiny_openai_clip().state_dict()
+    model = denseclip.build_model("retinanet_denseclip_tiny", NAMES)
+    report = load_checkpoint(model, clip_sd)
+    assert report.kind == "clip" and report.unused == ["logit_scale"]
+    assert all(k.startswith(("neck.", "head.", "context_decoder.", "contexts", "gamma")) for k in report.missing)
+    assert torch.equal(model.backbone.layer4[0].conv3.weight, clip_sd["visual.layer4.0.conv3.weight"])
+    assert model.backbone.attnpool.positional_embedding.shape == (7 * 7 + 1, 512)  # 2x2 grid resized to 7x7
