@@ -234,6 +234,9 @@ def test_train_losses_and_eval_detections(name):
         assert set(d) == {"boxes", "scores", "labels"} and 0 < len(d["boxes"]) <= 100
         assert d["labels"].dtype == torch.int64 and d["labels"].max() < 3 and d["scores"].min() > 0
         assert d["boxes"][:, 2].max() <= img.shape[2] and d["boxes"][:, 3].max() <= img.shape[1]  # own pixels
+    if name == "retinanet_tiny":  # under autocast the boxes are still decoded in fp32 (mmdet's force_fp32)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(images[:1])[0]["boxes"].dtype == torch.float32
 
 
 def test_score_map_over_tau_joins_c5_and_aux_loss_sees_resized_boxes(tiny):
