@@ -120,8 +120,6 @@ def main(argv=None):
         raise ConfigError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
                          f"{world} process(es) = {args.batch_size * world}; pick values that divide")
     out_dir = Path(args.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels (as mmseg)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
@@ -181,6 +179,8 @@ def main(argv=None):
            f"{[(g['name'], len(g['params'])) for g in optimizer.param_groups]}; {len(train_set)} train / "
            f"{len(val_set)} val {args.dataset} images; {world} process(es) x {args.batch_size} images x {accum} "
            f"accumulation = global batch {args.global_batch}; {args.iters} iterations on {device}")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers)
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
 

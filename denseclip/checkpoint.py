@@ -50,7 +50,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _is_torchscript(path: str) -> bool:
+def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -90,7 +90,7 @@ def load_file(path: str):
 def read_checkpoint(path: str):
     """(tensors, the whole file object) of a checkpoint file; the tensors unwrapped from {"model"|"state_dict": ...}
     and DDP's "module."."""
-    if _is_torchscript(path):
+    if is_torchscript(path):
         return read_openai_state_dict(path), {}
     obj = load_file(path)
     sd = obj

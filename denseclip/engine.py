@@ -19,6 +19,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from . import data, transforms
+from .checkpoint import is_torchscript, load_file
 from .configs import DenseCLIPConfig
 from .errors import ConfigError, MissingFileError, TrainingError
 from .metrics import ConfusionMatrix
@@ -140,7 +141,9 @@ def saved_train_args(path: str) -> dict:
     try:  # mmap: only the small pickle is read here, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError):
-        return {}  # not a zip-format plain checkpoint (TorchScript, legacy format): load_checkpoint will tell
+        if is_torchscript(path):
+            return {}  # an OpenAI CLIP archive: load_checkpoint reads it
+        obj = load_file(path)  # a legacy-format file loads; a damaged or unsafe one raises, saying why
     return obj.get("args", {}) if isinstance(obj, dict) else {}
 
 
