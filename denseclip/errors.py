@@ -39,12 +39,22 @@ def require_file(path, option: str, what: str = "file"):
         raise MissingFileError(f"{option} {path}: no such {what}{hint}")
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's words when another rank has exited
+
+
 def run_main(main):
-    """Call main(); a UserError ends the process with its message on stderr and exit status 2."""
+    """Call main(); a UserError ends the process with its message on stderr and exit status 2. In a distributed run,
+    a collective that fails because another rank exited (its own message says why) ends this rank with status 1."""
+    distributed = os.environ.get("WORLD_SIZE", "1") != "1"
+    prefix = f"[rank {os.environ.get('RANK')}] " if distributed else ""
     try:
         main()
     except UserError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:
+        if not (distributed and any(words in str(e) for words in PEER_GONE)):
+            raise  # a bug: its traceback is what a report needs
+        print(f"{prefix}stopped: another process of this run failed (its message is above)", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
