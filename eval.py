@@ -66,6 +66,8 @@ def main(argv=None):
     overrides = config_overrides(args.overrides)
     if args.from_checkpoint:
         print0("options taken from the checkpoint: " + " ".join(
+            " ".join(f"--set {x}" for x in v) if k == "overrides" else
+            f"--{k.replace('_', '-')}" if v is True else
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in args.from_checkpoint.items()))
     print0(check_data(args, splits=("val",)))

@@ -50,7 +50,10 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: its own message is the last line
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RuntimeError as e:
         if not (distributed and any(words in str(e) for words in PEER_GONE)):
