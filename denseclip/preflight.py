@@ -26,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from . import data
+from .configs import task_of
 from .engine import add_data_args, dataset_class_names, split_files
 from .errors import DataError, run_main
 from .transforms import IGNORE_INDEX
@@ -147,6 +148,9 @@ def _run(args, min_train: int, splits) -> str:
     t0 = time.time()
     if args.dataset == "procedural":
         return "data pre-flight: built-in procedural data, nothing to check"
+    model = getattr(args, "model", None)  # the standalone command has none
+    if args.dataset not in ("ade20k", "folder") or (model and task_of(model) == "detection"):
+        return f"data pre-flight: covers segmentation data only; {args.dataset} files are checked as they load"
     names = dataset_class_names(args)
     findings, counts = Findings(), {}
     with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
