@@ -29,11 +29,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--model", default="denseclip_tiny")
     p.add_argument("--log-interval", type=int, default=25)
+    p.add_argument("--crop-size", type=int, default=64)
     p.add_argument("extra", nargs="*", help="more train.py options (after --)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--iters", str(args.iters),
-               "--crop-size", "64", "--batch-size", "2", "--eval-interval", "0", "--val-size", "2", "--workers", "0",
+               "--crop-size", str(args.crop_size), "--batch-size", "2", "--eval-interval", "0", "--val-size", "2",
+               "--workers", "0",
                "--log-interval", str(args.log_interval), "--save-interval", "0", "--out-dir", out, *args.extra]
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         steps, samples = [], []  # (time, step), (time, MiB)
@@ -49,9 +51,10 @@ def main(argv=None):
         while child.poll() is None:
             try:
                 samples.append((time.time(), rss_mib(child.pid)))
-            except (FileNotFoundError, StopIteration, ProcessLookupError):
+            except (FileNotFoundError, StopIteration, ProcessLookupError):  # exiting: no memory map any more
                 break
             time.sleep(0.1)
+        child.wait()
         reader.join()
     if child.returncode != 0:
         raise SystemExit(f"train.py failed with status {child.returncode}")
@@ -60,7 +63,8 @@ def main(argv=None):
         before = [mib for ts, mib in samples if ts <= t]
         if before:
             rows.append((step, before[-1]))
-    print(f"{args.model}, crop 64, batch 2, {args.iters} steps; resident memory (MiB) at the log line of each step:")
+    print(f"{args.model}, crop {args.crop_size}, batch 2, {args.iters} steps; resident memory (MiB) at the log line "
+          "of each step:")
     print("  " + "  ".join(f"{step}: {mib:.0f}" for step, mib in rows))
     first = next((r for r in rows if r[0] >= args.iters // 5), rows[0])  # after warm-up (allocator, lazy imports)
     growth = rows[-1][1] - first[1]

@@ -119,7 +119,8 @@ def _trained_with(meta: dict) -> str:
 
 
 def _few(keys, n=8) -> str:
-    return f"{len(keys)}: {', '.join(keys[:n])}{', ...' if len(keys) > n else ''}"
+    """The first n keys as a list, and how many more (another architecture differs in hundreds)."""
+    return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''}"
 
 
 def _check_shapes(model_sd: dict, sd: dict, hint: str = ""):
@@ -135,8 +136,8 @@ def _load_whole(model: nn.Module, sd: dict, meta: dict = None) -> LoadReport:
     missing = sorted(set(model_sd) - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model (another architecture?): missing "
-                              f"{_few(missing)}; unexpected {_few(unexpected)}{hint}")
+        raise CheckpointError(f"checkpoint does not match the model (another architecture?): missing {_few(missing)}, "
+                              f"unexpected {_few(unexpected)}{hint}")
     _check_shapes(model_sd, sd, hint)
     model.load_state_dict(sd, strict=True)
     return LoadReport("model", loaded=sorted(sd))
