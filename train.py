@@ -205,10 +205,12 @@ def main(argv=None):
         cm = evaluate(model_without_ddp, val_set, device, amp=args.amp, workers=min(args.workers, 2))
         model.train()
         res = cm.compute()
-        if detection:  # cm: a coco.CocoEvaluator
+        if detection:  # cm: a coco.CocoEvaluator; res["segm"]: the mask numbers (Mask R-CNN)
+            segm = res.get("segm")
             print0(f"iter {it}: bbox AP {100 * res['AP']:.2f}  AP50 {100 * res['AP50']:.2f}  "
-                   f"AP75 {100 * res['AP75']:.2f}")
-            log({"iter": it, **{k: res[k] for k in STAT_NAMES}})
+                   f"AP75 {100 * res['AP75']:.2f}" + (f"  segm AP {100 * segm['AP']:.2f}" if segm else ""))
+            log({"iter": it, **{k: res[k] for k in STAT_NAMES},
+                 **({f"segm_{k}": segm[k] for k in STAT_NAMES} if segm else {})})
             return res, cm
         print0(f"iter {it}: val mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}  "
                f"aAcc {100 * res['aAcc']:.2f}")
@@ -276,7 +278,8 @@ def main(argv=None):
     res, cm = run_eval(args.iters)
     print0(cm.format_table(train_set.class_names))
     if detection:
-        print0(f"{args.model}, {args.iters} iterations:\nbbox AP {100 * res['AP']:.2f}")
+        print0(f"{args.model}, {args.iters} iterations:\nbbox AP {100 * res['AP']:.2f}" +
+               (f"\nsegm AP {100 * res['segm']['AP']:.2f}" if "segm" in res else ""))
     else:
         print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
     if log_file:
