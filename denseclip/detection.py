@@ -230,6 +230,8 @@ class DenseCLIPRetinaNet(RetinaNet, DenseCLIPFeatures):
                 raise ValueError("boxes must have positive width and height (x2 > x1, y2 > y1)")
         feats, score = self.extract_feat(images.tensors)
         head_outputs = self.head(feats)  # cls_logits (B, sum h*w*A, K), bbox_regression (B, sum h*w*A, 4)
+        # losses and box decoding in fp32 under autocast, as mmdet's force_fp32 (bf16 boxes would be 4-8 px coarse)
+        head_outputs = {k: v.float() for k, v in head_outputs.items()}
         anchors = self.anchor_generator(images, feats)
         if self.training:
             tv = self.compute_loss(targets, head_outputs, anchors)

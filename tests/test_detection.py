@@ -234,6 +234,9 @@ def test_train_losses_and_eval_detections(name):
         assert set(d) == {"boxes", "scores", "labels"} and 0 < len(d["boxes"]) <= 100
         assert d["labels"].dtype == torch.int64 and d["labels"].max() < 3 and d["scores"].min() > 0
         assert d["boxes"][:, 2].max() <= img.shape[2] and d["boxes"][:, 3].max() <= img.shape[1]  # own pixels
+    if name == "retinanet_tiny":  # under autocast the boxes are still decoded in fp32 (mmdet's force_fp32)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(images[:1])[0]["boxes"].dtype == torch.float32
 
 
 def test_score_map_over_tau_joins_c5_and_aux_loss_sees_resized_boxes(tiny):
@@ -309,11 +312,10 @@ def _random_state_dict(spec, seed=0):
 
 
 @pytest.mark.parametrize("name", ["retinanet_denseclip_r50", "retinanet_clip_r50"])
-def test_official_retinanet_checkpoint_loads_strictly(name, tmp_path):
+def test_official_retinanet_checkpoint_loads_strictly(name):
     sd = _random_state_dict(getattr(official_keys, name)())
-    torch.save({"meta": {"mmdet_version": "2.17.0"}, "state_dict": sd}, tmp_path / "official.pth")
     model = denseclip.build_model(name)  # COCO's 80 classes
-    report = load_checkpoint(model, str(tmp_path / "official.pth"))
+    report = load_checkpoint(model, sd)
     assert report.kind == "model" and not report.missing and not report.unused and len(report.loaded) == len(sd)
     ours = model.state_dict()
     mapped = mmdet_retina_head_to_ours(sd)
@@ -321,11 +323,12 @@ def test_official_retinanet_checkpoint_loads_strictly(name, tmp_path):
     assert torch.equal(ours["neck.fpn_convs.3.conv.weight"], sd["neck.fpn_convs.3.conv.weight"])  # names kept
 
 
-def test_mapped_head_gives_the_official_per_anchor_outputs():
+def test_mapped_head_gives_the_official_per_anchor_outputs(tmp_path):
     K, A = 3, 9
     sd = _random_state_dict(official_keys.retinanet_denseclip_tiny(K))
+    torch.save({"meta": {"mmdet_version": "2.17.0"}, "state_dict": sd}, tmp_path / "official.pth")  # mmdet's file
     model = denseclip.build_model("retinanet_denseclip_tiny", NAMES)
-    load_checkpoint(model, sd)
+    assert not load_checkpoint(model, str(tmp_path / "official.pth")).missing
     feats = [torch.randn(2, 32, h, w) for h, w in ((12, 10), (6, 5), (3, 3), (2, 2), (1, 1))]
     with torch.no_grad():
         out = model.head(feats)
