@@ -49,8 +49,11 @@ DEFAULTS = {
     # epochs 8 and 11, evaluation and checkpoint every epoch (eval/save intervals left unset = one epoch).
     "detection_official": dict(epochs=12, lr_steps=[8, 11], batch_size=2, global_batch=16, lr=1e-4,
                                warmup_iters=500, backbone_lr_mult=0.1, clip_grad=0.1, workers=2),
+    # Procedural detection: the same 1x shape (12 epochs, steps at 8 and 11) over 2000-image epochs, sized like
+    # the procedural segmentation run (3000 steps of 8 images); from random weights, like it.
     "detection_procedural": dict(epochs=12, lr_steps=[8, 11], batch_size=8, global_batch=None, lr=1e-3,
-                                 warmup_iters=50, backbone_lr_mult=1.0, clip_grad=1.0, workers=0),
+                                 warmup_iters=50, backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=1000,
+                                 save_interval=1000, workers=0),
     # Mask R-CNN (maskrcnn_*) on procedural shapes: a step costs several RetinaNet steps on CPU (RPN, two RoI
     # heads, mask targets), so a shorter run: 250 steps of 4 images at a constant lr after warmup (lr_steps
     # beyond the end), evaluated once at the end.
@@ -66,8 +69,8 @@ EPILOG = """defaults (options left unset):
   detection (--model retinanet_*), --dataset coco: epochs 12, lr-steps 8 11, batch-size 2, global-batch 16,
       lr 1e-4, warmup-iters 500 (from lr x 0.001), backbone-lr-mult 0.1, clip-grad 0.1, eval/save every epoch,
       workers 2                                                                   (mmdet's 1x recipe)
-  detection, --dataset procedural: epochs 12 of 2000 images, lr-steps 8 11, batch-size 8, lr 1e-3,
-      warmup-iters 50, backbone-lr-mult 1.0, clip-grad 1.0, eval/save every epoch, workers 0
+  detection, --dataset procedural: epochs 12 of 2000 images (3000 iterations), lr-steps 8 11, batch-size 8,
+      lr 1e-3, warmup-iters 50, backbone-lr-mult 1.0, clip-grad 1.0, eval/save every 1000, workers 0
   Mask R-CNN (--model maskrcnn_*), --dataset procedural: iters 250, batch-size 4, lr 1e-3 (constant after
       warmup-iters 25), backbone-lr-mult 1.0, clip-grad 1.0, evaluation at the end, workers 0
 

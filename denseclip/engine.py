@@ -64,6 +64,8 @@ def add_data_args(p: argparse.ArgumentParser):
                    help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
     g.add_argument("--crop-size", type=int,
                    help="training crop (default: the model's input_resolution); procedural: the image size")
+    g.add_argument("--train-size", type=int, help="procedural: training images per epoch (default: segmentation 20000, "
+                                                  "detection 2000)")
     g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
@@ -93,7 +95,7 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     if args.dataset == "coco":
         raise SystemExit(f"--dataset coco is detection data; {args.model} is a segmentation model")
     if args.dataset == "procedural":
-        return data.ProceduralShapes(split, size=crop, length=n, seed=args.seed)
+        return data.ProceduralShapes(split, size=crop, length=args.train_size if train else n, seed=args.seed)
     transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
         else transforms.TestTransform(scale=tuple(args.scale))
     if args.dataset == "ade20k":
@@ -115,11 +117,12 @@ def build_detection_dataset(args, split: str, model_cfg):
     or COCO-format files; Mask R-CNN's training data also gives instance masks; --val-size keeps the first N
     validation images (COCOeval then scores only those)."""
     train = split == "train"
-    n = None if train else args.val_size or None
+    n = (args.train_size if train else args.val_size) or None
     masks = train and model_cfg.detector == "maskrcnn"  # instance masks: Mask R-CNN's training targets
     if args.dataset == "procedural":
         return coco.ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed,
                                         masks=masks)
+    n = None if train else n
     if args.dataset != "coco":
         raise SystemExit(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
                          "--dataset coco (COCO or a COCO-format json) or procedural")
