@@ -88,6 +88,10 @@ OFFICIAL = {
     "retinanet_denseclip_r50": (285, 60),
     "retinanet_clip_r101": (341, 57),
     "retinanet_denseclip_r101": (360, 78),
+    "maskrcnn_clip_r50": (301, 44),
+    "maskrcnn_denseclip_r50": (327, 67),
+    "maskrcnn_clip_r101": (377, 63),
+    "maskrcnn_denseclip_r101": (399, 84),
 }
 
 NOTES = [
@@ -167,15 +171,36 @@ def breakdown(by_module: Dict[str, int], model: torch.nn.Module) -> Dict[str, in
     return parts
 
 
+DUMMY_PROPOSALS, DUMMY_MASK_ROIS = 1000, 100  # mmdet TwoStageDetector.forward_dummy: 1000 proposals, first 100 masked
+
+
 def use_dense_forward(detector: torch.nn.Module):
     """What mmdet's get_flops counts (`model.forward = model.forward_dummy`): features and head outputs of one
-    padded, normalised image; no resize, anchors, decoding or NMS."""
+    padded, normalised image; no resize, anchors, decoding or NMS. Mask R-CNN (two-stage forward_dummy): the RPN
+    head's outputs, then the box head on 1000 fixed proposals and the mask head on the first 100 of them (mmdet
+    draws them with torch.randn; RoIAlign itself has no FLOP handle, so where they lie does not change the count)."""
     def forward(x):
         feats, _ = detector.extract_feat(x)
         out = detector.head(feats)
         return out["cls_logits"], out["bbox_regression"]
 
-    detector.forward = forward
+    def forward_two_stage(x):
+        feats, _ = detector.extract_feat(x)
+        objectness, deltas = detector.rpn.head(feats)
+        H, W = x.shape[-2:]
+        g = torch.Generator().manual_seed(0)
+        xy = torch.rand(DUMMY_PROPOSALS, 2, generator=g) * torch.tensor([W / 2, H / 2])
+        proposals = torch.cat([xy, xy + torch.rand(DUMMY_PROPOSALS, 2, generator=g) * torch.tensor([W / 2, H / 2])
+                               + 1], dim=1)  # (1000, 4) valid xyxy boxes
+        levels = {str(i): f for i, f in enumerate(feats)}
+        heads = detector.roi_heads
+        box = heads.box_head(heads.box_roi_pool(levels, [proposals], [(H, W)]))
+        scores, box_deltas = heads.box_predictor(box)
+        masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(levels, [proposals[:DUMMY_MASK_ROIS]],
+                                                                         [(H, W)])))
+        return objectness, deltas, scores, box_deltas, masks
+
+    detector.forward = forward_two_stage if detector.cfg.detector == "maskrcnn" else forward
 
 
 @torch.no_grad()
