@@ -37,6 +37,15 @@ this size), nor the score-map einsum, so by our per-module estimate mmcv would p
 (context decoder, wider C5 inputs) above RN50-CLIP; the published gap is 20 G, fvcore's 20.0 G. The official
 DenseCLIP segmentation code ships its fvcore counter (get_flops.py --fvcore).
 
+Mask R-CNN rows: mmdet's TwoStageDetector.forward_dummy at the same 1280x800: features, the RPN head's outputs,
+the box head on 1000 proposals and the mask head on the first 100 (`use_dense_forward`). Parameters round to the
+published integers (44.42, 66.70, 63.41, 84.24 M) and so do the CLIP rows' GFLOPs (301.41, 377.38, with the mask
+head's deconv under the 2021 rule). The DenseCLIP rows are 5.6 G (RN50, D 1024) and 2.9 G (RN101, D 512) lower
+than published (321.37 vs 327, 396.09 vs 399): the gap scales with D, while DenseCLIP - CLIP here (20.0, 18.7 G)
+equals the RetinaNet gap (20, 19 G published). Not explained; a pixel-text product of the 80 classes at stride 4
+(80 x D x 320 x 200 = 5.24 / 2.62 G) would be of that size, which neither our model nor the official RetinaNet
+computes.
+
 Remaining differences from the official table (measured numbers: bench/README.md) and our best explanation:
 - fpn_clip_vitb16 params: ours 101.28M vs 100.8M. Hypothesis: the official row was measured with the ViT
   positional embedding stored at 512x512 (32x32+1 rows) rather than 640x640 (40x40+1): (1601 - 1025) x 768
@@ -108,6 +117,9 @@ NOTES = [
     "with it), or 269.8 was mistyped.",
     "RetinaNet rows: 1280x800 (mmdet get_flops' default shape), forward_dummy's graph (backbone, context decoder, "
     "FPN, head; no NMS); every count rounds to the published integer (the +0.75% is 60.449 M vs '60').",
+    "Mask R-CNN rows: mmdet's two-stage forward_dummy (RPN head, box head on 1000 proposals, mask head on 100); "
+    "params and CLIP-row GFLOPs round to the published integers; the DenseCLIP rows are 5.6 G (D 1024) / 2.9 G "
+    "(D 512) lower, a gap that scales with D and is not explained (see the module docstring).",
 ]
 
 # Ops whose name marks a product of tensors: if fvcore skipped one of these, the count would be too low.
