@@ -379,3 +379,19 @@ def test_train_eval_out_equals_cocoeval_for_boxes_and_masks(tmp_path, capsys):
         e.accumulate()
         e.summarize()
         assert list(e.stats) == [expect[k] for k in STAT_NAMES]
+
+
+def test_complexity_counts_the_two_stage_forward_dummy():
+    """bench/complexity.py on the tiny Mask R-CNN: the RoI heads' count is exactly mmdet's forward_dummy workload
+    (box head on 1000 proposals, mask head on 100), the deconv under fvcore's 2021 rule as the official rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_complexity", ROOT / "bench" / "complexity.py")
+    complexity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(complexity)
+    row = complexity.measure("maskrcnn_denseclip_tiny", (96, 128))
+    C, fc, K1, S = 32, 128, 81, 28  # FPN width, fc width, 80 COCO classes + background, mask side
+    box = 1000 * (C * 49 * fc + fc * fc + fc * K1 * 5)  # two fcs, class scores and 4 deltas per class
+    mask = 100 * (4 * 14 * 14 * C * C * 9 + S * S * C * C * 4 + S * S * C * K1)  # convs, deconv (2021), logits
+    assert row["modules"]["roi_heads"] * 1e9 == pytest.approx(box + mask, rel=1e-9)
+    assert row["modules"]["rpn"] > 0 and row["modules"]["context_decoder"] > 0
