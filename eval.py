@@ -11,7 +11,8 @@ prediction (softmax averaged over scales and flips) is resized back to the label
 Distributed evaluation gives each rank an unpadded shard (rank, rank + world, ...) and sums the confusion
 matrices with one all_reduce, so 1 and N processes report the same mIoU (DistributedSampler would pad the
 last shard with repeated images and count them twice); detections are gathered from every rank in the same way
-and scored once by COCOeval; the last line is `bbox AP <AP@[.5:.95] x 100, 2 decimals>`. The shared pieces
+and scored once by COCOeval; the last line is `bbox AP <AP@[.5:.95] x 100, 2 decimals>` (Mask R-CNN: then
+`segm AP <mask AP>`). The shared pieces
 (data options, datasets, `evaluate`) live in denseclip/engine.py, the distributed set-up in
 denseclip/distributed.py.
 """
@@ -42,10 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--aug-test", action="store_true", help=f"multi-scale {AUG_RATIOS} + flip, as the official")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also average over horizontally flipped images")
-    p.add_argument("--show-dir", help="write colourised predictions (palette PNGs named after the images) here")
+    p.add_argument("--show-dir", help="segmentation: write colourised predictions (palette PNGs named after the "
+                                      "images) here; detection: the images with boxes, class names, scores (and "
+                                      "mask outlines) drawn over them")
     p.add_argument("--out", help="segmentation: also write the metrics (and per-class IoU/Acc) to this JSON file; "
                                  "detection: write the detections as a COCO results JSON (xywh boxes in original "
-                                 "image pixels, the dataset's own category ids)")
+                                 "image pixels, the dataset's own category ids); Mask R-CNN also writes the masks "
+                                 "(RLE) to OUT with the suffix .segm.json")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
@@ -107,17 +111,26 @@ def main(argv=None):
     return res
 
 
+def segm_path(out: str) -> Path:
+    """Where --out's mask results go: dets.json -> dets.segm.json."""
+    return Path(out).with_suffix(".segm.json")
+
+
 def evaluate_detector(args, model, dataset, device, rank, world):
-    if args.mode or args.flip or args.show_dir or args.ratios != [1.0]:
-        raise SystemExit("--mode, --ratios, --flip, --aug-test and --show-dir are segmentation options; a detector "
+    if args.mode or args.flip or args.ratios != [1.0]:
+        raise SystemExit("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
                          "is tested at its config's min_size/max_size")
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images, {world} process(es)")
-    evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers)
+    evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers, show_dir=args.show_dir)
     res = evaluator.compute()
     print0(evaluator.format_table(dataset.class_names))
     if args.out and rank == 0:
         Path(args.out).write_text(json.dumps(evaluator.results))
+        if "segm" in res:  # Mask R-CNN: the masks (RLE) next to the boxes, as mmdet's .bbox.json / .segm.json
+            segm_path(args.out).write_text(json.dumps(evaluator.segm_results))
     print0(f"bbox AP {100 * res['AP']:.2f}")
+    if "segm" in res:
+        print0(f"segm AP {100 * res['segm']['AP']:.2f}")
     if world > 1:
         dist.destroy_process_group()
     return res
