@@ -3,6 +3,7 @@
     python eval.py runs/denseclip_tiny/iter_003000.pt                       # our checkpoint: data/model from it
     python eval.py denseclip_fpn_res50.pth --model denseclip_r50 --dataset ade20k --aug-test   # official .pth
     torchrun --nproc_per_node 8 eval.py CKPT                                 # distributed, same numbers
+    python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k          # raw CLIP, no training (zeroshot.py)
 
 Labels are compared at their original resolution: the test transform resizes only the image, and the
 prediction (softmax averaged over scales and flips) is resized back to the label's size, as mmseg does.
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS
+from denseclip.clip import READOUTS, load_clip
+from denseclip.configs import CONFIGS, DenseCLIPConfig
 from denseclip.distributed import init_distributed, print0
 from denseclip.engine import AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, saved_train_args
 from denseclip.segmentor import build_model
+from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 
 def parse_args(argv=None):
@@ -40,13 +43,18 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes are the data's)")
+    g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")
+    g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
+    g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
+                   help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
     saved = saved_train_args(p.parse_args(argv).checkpoint)
     # Our checkpoints remember how they were trained: the data and model options default to those values.
     inherit = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
                "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed"}
     p.set_defaults(**{k: v for k, v in saved.items() if k in inherit})
     args = p.parse_args(argv)
-    if args.model is None:
+    if args.model is None and not args.zero_shot:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
         args.ratios, args.flip = list(AUG_RATIOS), True
@@ -56,6 +64,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
+    if args.zero_shot:
+        return zero_shot(args, device, rank, world)
     overrides = config_overrides(args.overrides)
     dataset = build_dataset(args, "val", CONFIGS[args.model]())
     model = build_model(args.model, dataset.class_names, **overrides)
@@ -64,6 +74,24 @@ def main(argv=None):
         raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor")
     model.to(device)
     mode = args.mode or model.cfg.test_mode
+    return report_results(args, model, dataset, device, mode, rank, world)
+
+
+def zero_shot(args, device, rank, world):
+    """Raw CLIP weights + the dataset's class names -> per-pixel argmax of the score map (no training)."""
+    clip = load_clip(args.checkpoint)
+    res = clip.visual.input_resolution
+    dataset = build_dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
+    mode = args.mode or "whole"
+    cfg = ZeroShotConfig(args.readout, args.templates, mode, test_crop=res, test_stride=res * 2 // 3)
+    print0(f"zero-shot: {args.checkpoint}, read-out {args.readout}, {len(TEMPLATES[args.templates])} template(s), "
+           f"{len(dataset.class_names)} classes")
+    model = ZeroShotSegmenter(clip, dataset.class_names, cfg).to(device)
+    args.model = f"zero-shot {args.readout}"
+    return report_results(args, model, dataset, device, mode, rank, world)
+
+
+def report_results(args, model, dataset, device, mode, rank, world):
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images: mode {mode}, "
            f"ratios {args.ratios}, flip {args.flip}, {world} process(es)")
     cm = evaluate(model, dataset, device, mode, args.ratios, args.flip, args.amp, args.workers, args.show_dir)

@@ -21,6 +21,7 @@ from PIL import Image
 from . import data, transforms
 from .configs import DenseCLIPConfig
 from .metrics import ConfusionMatrix
+from .progress import progress
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
 
@@ -191,7 +192,7 @@ def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     cm = ConfusionMatrix(model.num_classes, model.cfg.ignore_index)
-    for index, (image, label) in zip(indices, loader):
+    for index, (image, label) in progress(zip(indices, loader), "eval", total=len(indices)):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)  # (1, 3, h, w)
         with autocast(device, amp):
             probs = model.predict(image, out_size=label.shape[-2:], ratios=ratios, flip=flip, mode=mode)
