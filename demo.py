@@ -15,8 +15,9 @@ overlapping windows of the model's test crop (slide inference).
 --classes (open vocabulary) segments with names the model was not trained on: they go through the trained
 contexts, the frozen text encoder and the context decoder, and each pixel takes the name with the highest score
 map value (softmax(s / τ), the path the auxiliary loss trains). The decode head is NOT used then: it has one
-output per training class and knows nothing else. Expect rough masks; a text-free export (drop_text_encoder)
-cannot encode new names at all. The Python API is the same: model.predict(images, names=["cat", "dog"]).
+output per training class and knows nothing else. Expect rough masks; the context decoder lets the names attend
+to each other, so a name's map also depends on the other names asked for; a text-free export
+(drop_text_encoder) cannot encode new names at all. The Python API is the same: model.predict(images, names=["cat", "dog"]).
 """
 import argparse
 import functools
