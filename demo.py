@@ -17,7 +17,8 @@ contexts, the frozen text encoder and the context decoder, and each pixel takes 
 map value (softmax(s / τ), the path the auxiliary loss trains). The decode head is NOT used then: it has one
 output per training class and knows nothing else. Expect rough masks; the context decoder lets the names attend
 to each other, so a name's map also depends on the other names asked for; a text-free export
-(drop_text_encoder) cannot encode new names at all. The Python API is the same: model.predict(images, names=["cat", "dog"]).
+(drop_text_encoder) cannot encode new names at all. The Python API is the same:
+model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
 """
 import argparse
 import functools

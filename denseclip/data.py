@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .progress import progress
 from .transforms import IGNORE_INDEX, TestTransform, TrainTransform, normalize
 
 # mmseg's ADE20KDataset.CLASSES, verbatim: 'bed ' really has a trailing space there (the text side strips names).
@@ -108,7 +109,7 @@ class FolderSegmentation(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no '*{img_suffix}' images found under {self.img_dir}; "
                                     "see data/README.md for the expected layout")
         self.samples = []
-        for rel in images:
+        for rel in progress(images, f"checking labels in {self.ann_dir}"):
             ann = self.ann_dir / (rel[: -len(img_suffix)] + seg_suffix)
             if not ann.is_file():
                 raise FileNotFoundError(f"no annotation for image {self.img_dir / rel}: expected {ann}")
