@@ -16,13 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from denseclip.checkpoint import load_checkpoint
 from denseclip.clip import READOUTS, load_clip
 from denseclip.configs import CONFIGS, DenseCLIPConfig
 from denseclip.distributed import init_distributed, print0
-from denseclip.engine import AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, saved_train_args
+from denseclip import visualize
+from denseclip.engine import (AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, image_name,
+                              saved_train_args)
 from denseclip.segmentor import build_model
 from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
@@ -39,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also average over horizontally flipped images")
     p.add_argument("--show-dir", help="write colourised predictions (palette PNGs named after the images) here")
+    p.add_argument("--score-maps", metavar="NAMES", help="with --show-dir: also draw the score maps of these classes "
+                   "(comma-separated, any names) for the first --score-map-images images (see demo.py)")
+    p.add_argument("--score-map-images", type=int, default=4)
     p.add_argument("--out", help="also write the metrics (and per-class IoU/Acc) to this JSON file")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
@@ -54,6 +60,8 @@ def parse_args(argv=None):
                "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed"}
     p.set_defaults(**{k: v for k, v in saved.items() if k in inherit})
     args = p.parse_args(argv)
+    if args.score_maps and (args.zero_shot or not args.show_dir):
+        p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
     if args.model is None and not args.zero_shot:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
@@ -74,7 +82,22 @@ def main(argv=None):
         raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor")
     model.to(device)
     mode = args.mode or model.cfg.test_mode
-    return report_results(args, model, dataset, device, mode, rank, world)
+    res = report_results(args, model, dataset, device, mode, rank, world)
+    if args.score_maps and rank == 0:
+        write_score_maps(model, dataset, [n.strip() for n in args.score_maps.split(",")], args, device)
+    return res
+
+
+@torch.no_grad()
+def write_score_maps(model, dataset, names, args, device):
+    """Score-map pictures (visualize.score_picture) of the first images, at their test size, under --show-dir."""
+    model.eval()
+    for index in range(min(args.score_map_images, len(dataset))):
+        image = dataset[index][0]  # (3, h, w) normalised
+        scores = model.score_logits(image[None].to(device), names)[0] * model.cfg.tau  # (K', h, w) cosine
+        picture, value_range = visualize.score_picture(visualize.denormalize(image), scores.cpu().numpy(), names)
+        path = Path(args.show_dir) / image_name(dataset, index)
+        visualize.save_png(picture, path.with_name(path.stem + "_scores.png"), names=names, range=value_range)
 
 
 def zero_shot(args, device, rank, world):

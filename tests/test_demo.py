@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from denseclip import visualize
-from denseclip.data import SHAPE_CLASSES, render_shapes
+from denseclip.data import SHAPE_CLASSES, ProceduralShapes, render_shapes
 from denseclip.engine import palette
 from denseclip.segmentor import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402
+import eval as evaluation  # noqa: E402
 
 PAL = np.asarray(palette(), np.float32).reshape(-1, 3)
 
@@ -151,3 +152,15 @@ def test_official_and_text_free_checkpoints(setup, capsys):
                    "denseclip_tiny", "--class-names", names, "--classes", "kettle"])
     with pytest.raises(SystemExit, match="--model is required"):
         demo.main([str(official), str(images / "sub")])
+
+
+def test_eval_show_dir_writes_score_maps(setup):
+    model, ckpt, images, tmp = setup
+    show = tmp / "show"
+    evaluation.main([str(ckpt), "--val-size", "3", "--crop-size", "64", "--workers", "0", "--show-dir", str(show),
+                     "--score-maps", "circle,kettle", "--score-map-images", "2"])
+    assert sorted(p.name for p in show.glob("*_scores.png")) == ["000000_scores.png", "000001_scores.png"]
+    picture, text = read_png(show / "000000_scores.png")
+    assert text["names"] == ["circle", "kettle"] and picture.shape[0] == visualize.ROW + 64
+    photo = ProceduralShapes("val", size=64, length=1).raw(0)[0]
+    assert np.abs(picture[visualize.ROW:, :64].astype(int) - photo).max() <= 1  # the photo, un-normalised
