@@ -111,3 +111,16 @@ def test_eval_zero_shot_uses_the_same_miou_code(peer, tmp_path):
             cm.update(model(image[None]).argmax(1), label[None])
     assert res["mIoU"] == pytest.approx(cm.compute()["mIoU"])
     assert torch.equal(evaluate(model, ds, torch.device("cpu")).mat, cm.mat)
+
+
+def test_random_clip_tool_writes_openai_keys_that_load_clip_reads(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import random_clip
+
+    random_clip.main([str(tmp_path / "r.pt")])
+    model = random_clip.random_clip(0).eval()
+    loaded = load_clip(str(tmp_path / "r.pt"))
+    image, text = torch.randn(1, 3, 128, 128), openai_clip.tokenize(["a photo of a star."])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(image), model.encode_image(image))
+        assert torch.equal(loaded.encode_text(text), model.encode_text(text))
