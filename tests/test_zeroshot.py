@@ -12,7 +12,6 @@ from peers import openai_clip, tiny_openai_clip
 
 from denseclip.clip import load_clip
 from denseclip.data import SHAPE_CLASSES, ProceduralShapes
-from denseclip.engine import evaluate
 from denseclip.metrics import ConfusionMatrix
 from denseclip.zeroshot import IMAGENET_TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
@@ -110,7 +109,6 @@ def test_eval_zero_shot_uses_the_same_miou_code(peer, tmp_path):
             image, label = ds[i]
             cm.update(model(image[None]).argmax(1), label[None])
     assert res["mIoU"] == pytest.approx(cm.compute()["mIoU"])
-    assert torch.equal(evaluate(model, ds, torch.device("cpu")).mat, cm.mat)
 
 
 def test_random_clip_tool_writes_openai_keys_that_load_clip_reads(tmp_path):
