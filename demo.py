@@ -22,6 +22,7 @@ model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
 """
 import argparse
 import functools
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def checkpoint_meta(path: str):
     """(train.py args, class names) stored in one of our checkpoints; ({}, None) for other files."""
     try:  # mmap: only the small pickle is read, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # TorchScript or legacy files: not ours
+    except (RuntimeError, pickle.UnpicklingError, ValueError):  # TorchScript or legacy files: not ours
         return {}, None
     if not isinstance(obj, dict):
         return {}, None
