@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from denseclip import visualize
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS
+from denseclip.configs import CONFIGS, task_of
 from denseclip.data import read_class_names
 from denseclip.engine import config_overrides, palette
 from denseclip.progress import progress
@@ -80,6 +80,8 @@ def load_model(args, device):
     name = args.model or saved.get("model")
     if name is None:
         raise SystemExit("--model is required for checkpoints not written by train.py")
+    if task_of(name) != "segmentation":
+        raise SystemExit(f"demo.py draws segmentations; {name} is a {task_of(name)} model")
     names = read_class_names(args.class_names if Path(args.class_names or "").is_file() else
                              args.class_names.split(",")) if args.class_names else saved_names
     overrides = config_overrides(saved.get("overrides", []) + args.overrides)
