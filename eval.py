@@ -32,6 +32,8 @@ from denseclip.distributed import init_distributed, print0
 from denseclip import visualize
 from denseclip.engine import (AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, image_name,
                               saved_train_args)
+from denseclip.errors import ConfigError, run_main
+from denseclip.preflight import check_data
 from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 
@@ -61,13 +63,18 @@ def parse_args(argv=None):
     g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
     g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
                    help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
-    saved = saved_train_args(p.parse_args(argv).checkpoint)
+    given = p.parse_args(argv)
+    saved = saved_train_args(given.checkpoint)
     # Our checkpoints remember how they were trained: the data and model options default to those values.
     inherit = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
                "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed",
                "train_ann", "train_images", "val_ann", "val_images"}
+    plain = {k: p.get_default(k) for k in inherit}
     p.set_defaults(**{k: v for k, v in saved.items() if k in inherit})
     args = p.parse_args(argv)
+    # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
+    args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in inherit - {"seed"} and
+                            getattr(given, k) == plain[k] and v != plain[k]}
     if args.score_maps and (args.zero_shot or not args.show_dir):
         p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
     if args.model is None and not args.zero_shot:
@@ -83,11 +90,22 @@ def main(argv=None):
     if args.zero_shot:
         return zero_shot(args, device, rank, world)
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
+    if args.from_checkpoint:
+        print0("options taken from the checkpoint: " + " ".join(
+            " ".join(f"--set {x}" for x in v) if k == "overrides" else
+            f"--{k.replace('_', '-')}" if v is True else
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in args.from_checkpoint.items()))
+    print0(check_data(args, splits=("val",)))
     dataset = build_dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
     model = build_model(args.model, dataset.class_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
-        raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained model")
+        raise ConfigError(f"{args.checkpoint} holds {report.kind} weights, not a trained model")
+    if args.val_size:
+        print0(f"note: a PARTIAL evaluation, the first {len(dataset)} validation images only (--val-size "
+               f"{args.val_size}{', from the checkpoint' if 'val_size' in args.from_checkpoint else ''}); "
+               "pass --val-size 0 for all")
     model.to(device)
     if task_of(args.model) == "detection":
         return evaluate_detector(args, model, dataset, device, rank, world)
@@ -132,7 +150,8 @@ def report_results(args, model, dataset, device, mode, rank, world):
     res = cm.compute()
     if args.out and rank == 0:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "model": args.model, "mode": mode,
-                                              "ratios": args.ratios, "flip": args.flip, **res,
+                                              "ratios": args.ratios, "flip": args.flip, "images": len(dataset),
+                                              "val_size": args.val_size or None, **res,
                                               "class_names": list(dataset.class_names)}, indent=1))
     if world > 1:
         dist.destroy_process_group()
@@ -140,6 +159,9 @@ def report_results(args, model, dataset, device, mode, rank, world):
 
 
 def evaluate_detector(args, model, dataset, device, rank, world):
+    if args.mode or args.flip or args.show_dir or args.ratios != [1.0]:
+        raise SystemExit("--mode, --ratios, --flip, --aug-test and --show-dir are segmentation options; a detector "
+                         "is tested at its config's min_size/max_size")
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images, {world} process(es)")
     evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers)
     res = evaluator.compute()
@@ -153,4 +175,4 @@ def evaluate_detector(args, model, dataset, device, rank, world):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
