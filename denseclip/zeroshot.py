@@ -77,6 +77,7 @@ class ZeroShotSegmenter(PixelTextMatching):
     predict / slide_inference as the DenseCLIP segmentor's. The text tower is not kept (its output is fixed)."""
 
     predict = DenseCLIP.predict  # the segmentor's inference needs only forward, num_classes and cfg.test_*
+    _predict = DenseCLIP._predict
     slide_inference = DenseCLIP.slide_inference
 
     def __init__(self, clip: CLIP, class_names: Sequence[str], cfg: ZeroShotConfig = None):
