@@ -5,6 +5,7 @@
     python eval.py denseclip_fpn_res50.pth --model denseclip_r50 --dataset ade20k --aug-test   # official .pth
     torchrun --nproc_per_node 8 eval.py CKPT                                 # distributed, same numbers
     python eval.py runs/det/iter_000750.pt --out dets.json                  # detector: COCO results JSON
+    python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k          # raw CLIP, no training (zeroshot.py)
 
 Labels are compared at their original resolution: the test transform resizes only the image, and the
 prediction (softmax averaged over scales and flips) is resized back to the label's size, as mmseg does.
@@ -21,15 +22,20 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, task_of
+from denseclip.clip import READOUTS, load_clip
+from denseclip.configs import CONFIGS, DenseCLIPConfig, task_of
 from denseclip.distributed import init_distributed, print0
-from denseclip.engine import AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, saved_train_args
+from denseclip import visualize
+from denseclip.engine import (AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, image_name,
+                              saved_train_args)
 from denseclip.errors import ConfigError, run_main
 from denseclip.preflight import check_data
+from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 
 def parse_args(argv=None):
@@ -46,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--show-dir", help="segmentation: write colourised predictions (palette PNGs named after the "
                                       "images) here; detection: the images with boxes, class names, scores (and "
                                       "mask outlines) drawn over them")
+    p.add_argument("--score-maps", metavar="NAMES", help="with --show-dir: also draw the score maps of these classes "
+                   "(comma-separated, any names) for the first --score-map-images images (see demo.py)")
+    p.add_argument("--score-map-images", type=int, default=4)
     p.add_argument("--out", help="segmentation: also write the metrics (and per-class IoU/Acc) to this JSON file; "
                                  "detection: write the detections as a COCO results JSON (xywh boxes in original "
                                  "image pixels, the dataset's own category ids); Mask R-CNN also writes the masks "
@@ -53,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes are the data's)")
+    g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")
+    g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
+    g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
+                   help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
     given = p.parse_args(argv)
     saved = saved_train_args(given.checkpoint)
     # Our checkpoints remember how they were trained: the data and model options default to those values.
@@ -65,7 +79,9 @@ def parse_args(argv=None):
     # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
     args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in inherit - {"seed"} and
                             getattr(given, k) == plain[k] and v != plain[k]}
-    if args.model is None:
+    if args.score_maps and (args.zero_shot or not args.show_dir):
+        p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
+    if args.model is None and not args.zero_shot:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
         args.ratios, args.flip = list(AUG_RATIOS), True
@@ -75,6 +91,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
+    if args.zero_shot:
+        return zero_shot(args, device, rank, world)
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     if args.from_checkpoint:
         print0("options taken from the checkpoint: " + " ".join(
@@ -96,6 +114,39 @@ def main(argv=None):
     if task_of(args.model) == "detection":
         return evaluate_detector(args, model, dataset, device, rank, world)
     mode = args.mode or model.cfg.test_mode
+    res = report_results(args, model, dataset, device, mode, rank, world)
+    if args.score_maps and rank == 0:
+        write_score_maps(model, dataset, [n.strip() for n in args.score_maps.split(",")], args, device)
+    return res
+
+
+@torch.no_grad()
+def write_score_maps(model, dataset, names, args, device):
+    """Score-map pictures (visualize.score_picture) of the first images, at their test size, under --show-dir."""
+    model.eval()
+    for index in range(min(args.score_map_images, len(dataset))):
+        image = dataset[index][0]  # (3, h, w) normalised
+        scores = model.score_logits(image[None].to(device), names)[0] * model.cfg.tau  # (K', h, w) cosine
+        picture, value_range = visualize.score_picture(visualize.denormalize(image), scores.cpu().numpy(), names)
+        path = Path(args.show_dir) / image_name(dataset, index)
+        visualize.save_png(picture, path.with_name(path.stem + "_scores.png"), names=names, range=value_range)
+
+
+def zero_shot(args, device, rank, world):
+    """Raw CLIP weights + the dataset's class names -> per-pixel argmax of the score map (no training)."""
+    clip = load_clip(args.checkpoint)
+    res = clip.visual.input_resolution
+    dataset = build_dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
+    mode = args.mode or "whole"
+    cfg = ZeroShotConfig(args.readout, args.templates, mode, test_crop=res, test_stride=res * 2 // 3)
+    print0(f"zero-shot: {args.checkpoint}, read-out {args.readout}, {len(TEMPLATES[args.templates])} template(s), "
+           f"{len(dataset.class_names)} classes")
+    model = ZeroShotSegmenter(clip, dataset.class_names, cfg).to(device)
+    args.model = f"zero-shot {args.readout}"
+    return report_results(args, model, dataset, device, mode, rank, world)
+
+
+def report_results(args, model, dataset, device, mode, rank, world):
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images: mode {mode}, "
            f"ratios {args.ratios}, flip {args.flip}, {world} process(es)")
     cm = evaluate(model, dataset, device, mode, args.ratios, args.flip, args.amp, args.workers, args.show_dir)

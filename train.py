@@ -126,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--tensorboard", action="store_true", help="also log losses, lr, speed and mIoU for TensorBoard "
+                                                              "under OUT_DIR/tensorboard (pip install tensorboard)")
     args = p.parse_args(argv)
     recipe = "procedural" if args.dataset == "procedural" else "official"
     if task_of(args.model) == "detection":
@@ -136,6 +138,16 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def tensorboard_writer(log_dir: Path):
+    """torch.utils.tensorboard's SummaryWriter, imported only when asked for: tensorboard is an optional extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'denseclip[tensorboard]'); log.jsonl is written either way") from None
+    return SummaryWriter(str(log_dir))
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -228,11 +240,18 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers)
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
+    writer = tensorboard_writer(out_dir / "tensorboard") if args.tensorboard and rank == 0 else None
 
     def log(record):
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+        if writer:  # the same numbers: train/loss_decode, train/lr, ..., val/mIoU against the iteration
+            group = "val" if "mIoU" in record else "train"
+            for k, v in record.items():
+                if k != "iter":
+                    writer.add_scalar(f"{group}/{k}", v, record["iter"])
+            writer.flush()
 
     def run_eval(it):
         cm = evaluate(model_without_ddp, val_set, device, amp=args.amp, workers=min(args.workers, 2))
@@ -322,6 +341,8 @@ def main(argv=None):
         print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
     if log_file:
         log_file.close()
+    if writer:
+        writer.close()
     if world > 1:
         dist.destroy_process_group()
     return res

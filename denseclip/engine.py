@@ -26,6 +26,7 @@ from .checkpoint import is_torchscript, load_file
 from .configs import DenseCLIPConfig, task_of
 from .errors import ConfigError, MissingFileError, TrainingError
 from .metrics import ConfusionMatrix
+from .progress import progress
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
 
@@ -131,7 +132,7 @@ def dataset_class_names(args) -> list:
 
 def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     """The train or val dataset named by the data options; split is 'train' or 'val'."""
-    if task_of(args.model) == "detection":
+    if args.model and task_of(args.model) == "detection":  # no model: zero-shot from CLIP weights (segmentation)
         return build_detection_dataset(args, split, model_cfg)
     crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
     n = None if train else args.val_size or None  # 0 or unset: all
@@ -351,7 +352,7 @@ def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     cm = ConfusionMatrix(model.num_classes, model.cfg.ignore_index)
-    for index, (image, label) in zip(indices, loader):
+    for index, (image, label) in progress(zip(indices, loader), "eval", total=len(indices)):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)  # (1, 3, h, w)
         with autocast(device, amp):
             probs = model.predict(image, out_size=label.shape[-2:], ratios=ratios, flip=flip, mode=mode)
