@@ -108,6 +108,9 @@ def main(argv=None):
 
 
 def evaluate_detector(args, model, dataset, device, rank, world):
+    if args.mode or args.flip or args.show_dir or args.ratios != [1.0]:
+        raise SystemExit("--mode, --ratios, --flip, --aug-test and --show-dir are segmentation options; a detector "
+                         "is tested at its config's min_size/max_size")
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images, {world} process(es)")
     evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers)
     res = evaluator.compute()
