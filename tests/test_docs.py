@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from denseclip.data import SHAPE_CLASSES  # noqa: E402
+from denseclip.data import SHAPE_CLASSES, ProceduralShapes  # noqa: E402
 
 DOCS = ("README.md", "data/README.md")
 TINY = ["--model", "denseclip_tiny"]
@@ -59,6 +59,19 @@ SMOKE = {
     "python train.py --help": [],
     "python train.py --model retinanet_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
     "python train.py --model retinanet_tiny": [*DET, "--out-dir", "runs/smoke"],
+    "python train.py --model maskrcnn_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
+    # README.md: pictures, zero-shot, curves (runs/demo, shapes.png and pretrained/random_tiny.pt: the fixture)
+    "python -c \"from PIL import Image; from denseclip.data import ProceduralShapes as P; "
+    "Image.fromarray(P('val').raw(11)[0]).save('shapes.png')\"": [],
+    "python demo.py runs/demo/iter_001000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
+    "python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k": ["--scale", "48", "32", "--val-size", "2",
+                                                                      "--workers", "0"],
+    "python tools/random_clip.py pretrained/random_tiny.pt": [],
+    "python eval.py pretrained/random_tiny.pt --zero-shot --readout maskclip --crop-size 128": [
+        "--val-size", "2", "--workers", "0"],
+    "python train.py --out-dir runs/demo": [*SHORT, "--out-dir", "runs/smoke"],
+    'pip install -e ".[tensorboard]"': [],
+    "python tools/plot_log.py runs/demo": [],
     "torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained "
     "pretrained/RN50.pt --out-dir runs/retina_r50": [*COCO_TINY, "--out-dir", "runs/smoke"],
     "python eval.py runs/retina_r50/iter_NNNNNN.pt --out dets.json": ["--workers", "0"],
@@ -156,6 +169,12 @@ def project(tmp_path_factory):
     train.main(["--dataset", "coco", *COCO_TINY, "--out-dir", str(out)])
     monkeypatch.undo()
     shutil.move(out / "iter_000001.pt", out / "iter_NNNNNN.pt")
+    # Pictures and zero-shot: a procedural denseclip_tiny run as runs/demo (with its log.jsonl), a random CLIP file
+    # and the demo's input image.
+    train.main([*SHORT, "--out-dir", str(root / "runs/demo")])
+    shutil.move(root / "runs/demo/iter_000001.pt", root / "runs/demo/iter_001000.pt")
+    script_main("tools/random_clip.py")([str(root / "pretrained/random_tiny.pt")])
+    Image.fromarray(ProceduralShapes("val", size=64).raw(11)[0]).save(root / "shapes.png")
     return root
 
 
@@ -182,6 +201,10 @@ def test_documented_command_runs(command, project, monkeypatch):
         out = subprocess.run([sys.executable, *words[1:], *extra], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stdout[-2000:]
+        return
+    if words[1] == "-c":
+        out = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
         return
     if words[0] == "torchrun":  # drop the launcher's options: one process here
         words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
