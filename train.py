@@ -28,6 +28,7 @@ from denseclip.configs import CONFIGS
 from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
 from denseclip.engine import (add_data_args, autocast, build_dataset, config_overrides, evaluate, latest_checkpoint,
                               rng_state, save_checkpoint, set_rng_state, train_batches)
+from denseclip.language import PixelTextMatching
 from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups
 from denseclip.segmentor import build_model
 
@@ -147,7 +148,14 @@ def main(argv=None):
         print0(f"resumed from {resume} at iteration {start_iter} (epoch {epoch}, sample {seen})")
     elif args.resume == "auto":
         print0(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch")
+    # The text encoder runs once per optimiser step, not once per micro-batch (PixelTextMatching.text_once_per_step);
+    # its backward happens after the micro-batches', outside DDP, so its parameters leave DDP's reducer and are
+    # averaged over the ranks by text_once_per_step itself.
+    matchers = [m for m in model.modules() if isinstance(m, PixelTextMatching)]
     if world > 1:
+        text_params = {id(p) for m in matchers for p in m.text_once_parameters()}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if id(p) in text_params])
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if resume and len(ckpt["rng"]) == world:
         set_rng_state(ckpt["rng"][rank])
@@ -185,18 +193,21 @@ def main(argv=None):
         lr = lr_at(it, args.lr, args.iters, args.warmup_iters, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, group["initial_lr"], args.iters, args.warmup_iters, args.min_lr)
-        for micro in range(accum):
-            epoch, seen, images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # Gradients are all-reduced once per optimiser step, on the last micro-batch.
-            sync = world == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast(device, args.amp):
-                    losses = model(images, labels)  # {"loss_decode": ..., "loss_aux": ...}
-                loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
-                scaler.scale(loss).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+        with contextlib.ExitStack() as text_once:
+            for m in matchers:
+                text_once.enter_context(m.text_once_per_step(all_reduce=world > 1))
+            for micro in range(accum):
+                epoch, seen, images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                # Gradients are all-reduced once per optimiser step, on the last micro-batch.
+                sync = world == 1 or micro == accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast(device, args.amp):
+                        losses = model(images, labels)  # {"loss_decode": ..., "loss_aux": ...}
+                    loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
+                    scaler.scale(loss).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
         if args.clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
