@@ -81,8 +81,9 @@ class PixelTextMatching(nn.Module):
         if step is not None and self.training:  # one text forward per optimiser step, see text_once_per_step
             if step["leaf"] is None:
                 step["text"] = self.text_encoder(self.texts, self.contexts)  # (1, K, D), with its graph
-                # An fp32 leaf: its gradient sums the micro-batches' in fp32 even when the text ran in bf16.
-                step["leaf"] = step["text"].detach().float().requires_grad_()
+                # At least fp32: the leaf's gradient sums the micro-batches' in fp32 even when the text ran in bf16.
+                dtype = torch.promote_types(step["text"].dtype, torch.float32)
+                step["leaf"] = step["text"].detach().to(dtype).requires_grad_()
             return step["leaf"].to(step["text"].dtype)
         text = self.text_encoder(self.texts, self.contexts)  # (1, K, D)
         if not self.training and not torch.is_grad_enabled():
