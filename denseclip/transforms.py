@@ -17,6 +17,7 @@ tests/test_data.py compares every op with OpenCV (in the dev extra) and runs the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -31,8 +32,9 @@ IGNORE_INDEX = 255
 
 
 def to_tensor(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 (H, W, 3) array -> uint8 (3, H, W) tensor (a view, no copy); tensors pass through."""
-    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    """uint8 (H, W, 3) array -> contiguous uint8 (3, H, W) tensor; tensors pass through. Contiguous planes matter:
+    element-wise ops on a permuted (H, W, 3) view run strided and are many times slower."""
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
 def normalize(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
@@ -53,7 +55,8 @@ def rescale_size(w: int, h: int, scale: Tuple[int, int]) -> Tuple[int, int]:
 def resize_image(image: torch.Tensor, w: int, h: int) -> torch.Tensor:
     """Bilinear resize of a uint8 (3, H, W) tensor to (3, h, w), as mmcv.imresize (cv2.INTER_LINEAR): half-pixel
     centres, no antialiasing when shrinking."""
-    return TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    out = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    return out.contiguous()  # torchvision's uint8 kernel may hand back (H, W, 3)-strided planes
 
 
 def resize_label(label: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -68,60 +71,91 @@ def resize_label(label: np.ndarray, w: int, h: int) -> np.ndarray:
 # to fit a byte), S and V in [0, 255]. The quantisation is part of the augmentation, so it is kept: RGB -> HSV
 # with OpenCV's integer tables (12 fractional bits, exact), HSV -> RGB with the float formula, rounded.
 _HSV_SHIFT = 12
-_DIV = torch.arange(256, dtype=torch.float64)
-_SDIV = torch.cat([torch.zeros(1), torch.round((255 << _HSV_SHIFT) / _DIV[1:])]).int()  # round(255 * 2^12 / v)
-_HDIV = torch.cat([torch.zeros(1), torch.round((180 << _HSV_SHIFT) / (6.0 * _DIV[1:]))]).int()  # 30 * 2^12 / diff
 _RGB_OFFSETS = torch.tensor([5.0, 3.0, 1.0])[:, None, None]  # where R, G, B sit on the hue circle (in sixths)
 
 
-def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) RGB -> uint8 (3, H, W) HSV, OpenCV's COLOR_RGB2HSV exactly."""
-    x = image.int()  # the largest product, 255 * _SDIV[1] = 255 * 255 * 4096, fits int32
-    r, g, b = x
-    v, diff = x.amax(0), x.amax(0) - x.amin(0)  # (H, W)
+@functools.lru_cache(maxsize=None)
+def _hsv_tables() -> Tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's RGB -> HSV arithmetic as two uint8 lookup tables, built on first use: S[v * 256 + diff] and
+    H[(h + 255) * 256 + diff] for diff = max - min and h = hue x diff / 60 degrees, in [-255, 1275]."""
     half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _SDIV.index_select(0, v.flatten()).view_as(v) + half) >> _HSV_SHIFT
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))  # 60-degree units x diff
-    h = (h * _HDIV.index_select(0, diff.flatten()).view_as(v) + half) >> _HSV_SHIFT
-    h += (h < 0) * 180
-    return torch.stack([h, s, v]).to(torch.uint8)  # (3, H, W)
+    k = torch.arange(256, dtype=torch.float64)
+    sdiv = torch.cat([torch.zeros(1), torch.round((255 << _HSV_SHIFT) / k[1:])]).long()  # round(255 * 2^12 / v)
+    hdiv = torch.cat([torch.zeros(1), torch.round((180 << _HSV_SHIFT) / (6.0 * k[1:]))]).long()  # 30 * 2^12 / diff
+    diff = torch.arange(256)
+    s = (diff[None, :] * sdiv[:, None] + half) >> _HSV_SHIFT  # (v, diff)
+    h = (torch.arange(-255, 1276)[:, None] * hdiv[None, :] + half) >> _HSV_SHIFT  # (h + 255, diff)
+    h = torch.where(h < 0, h + 180, h)
+    return s.flatten().to(torch.uint8), h.flatten().to(torch.uint8)
+
+
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) RGB -> uint8 (3, H, W) HSV, OpenCV's COLOR_RGB2HSV exactly (its fixed-point arithmetic,
+    through lookup tables)."""
+    s_table, h_table = _hsv_tables()
+    x = image.int()
+    r, g, b = x
+    v = x.amax(0)  # (H, W)
+    diff = v - x.amin(0)
+    # hue x diff / 60 degrees: g - b when R is the maximum, b - r + 2 diff when G is, r - g + 4 diff when B is
+    h = torch.where(v == g, b - r + 2 * diff, (r - g).add_(diff, alpha=4))
+    h = torch.where(v == r, g - b, h).add_(255).mul_(256).add_(diff)
+    s = v * 256 + diff
+    out = torch.empty_like(image)  # (3, H, W)
+    torch.index_select(h_table, 0, h.flatten(), out=out[0].view(-1))
+    torch.index_select(s_table, 0, s.flatten(), out=out[1].view(-1))
+    out[2] = v
+    return out
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) HSV -> uint8 (3, H, W) RGB, OpenCV's COLOR_HSV2RGB within +-1 (its SIMD blocks truncate
     where this rounds). Channel c = v (1 - s clamp(min(k, 4 - k), 0, 1)), k = (offset_c + hue in sixths) mod 6."""
-    h = hsv[0].float() * (6.0 / 180.0)  # hue in sixths of the circle, [0, 6)
-    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float()  # s in [0, 1], v in [0, 255]
-    k = (_RGB_OFFSETS + h).remainder_(6)  # (3, H, W)
-    return (v - v * s * torch.minimum(k, 4 - k).clamp_(0, 1)).round_().clamp_(0, 255).to(torch.uint8)
+    h = hsv[0].float().mul_(6.0 / 180.0)  # hue in sixths of the circle, [0, 6)
+    vs = hsv[1].float().mul_(1.0 / 255.0).mul_(hsv[2])  # v * s, with s in [0, 1] and v in [0, 255]
+    k = _RGB_OFFSETS + h  # (3, H, W), in [1, 11)
+    k -= (k >= 6) * 6.0  # mod 6 (torch.remainder is several times slower)
+    k = torch.minimum(k, 4 - k).clamp_(0, 1).mul_(vs)
+    return torch.sub(hsv[2], k).round_().clamp_(0, 255).to(torch.uint8)  # (3, H, W)
 
 
 def photometric_distortion(img: torch.Tensor, rng: np.random.Generator, brightness_delta: int = 32,
                            contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18):
-    """mmseg 0.x PhotoMetricDistortion on uint8 (3, H, W): each step applied with probability 1/2, same order of
-    draws."""
-    def convert(x, alpha=1.0, beta=0.0):  # float, clip, then truncate to uint8 as mmseg does
-        return (x.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+    """mmseg 0.x PhotoMetricDistortion on uint8 (3, H, W): brightness, contrast (first or last), saturation, hue,
+    each applied with probability 1/2, with mmseg's draws in mmseg's order."""
+    def maybe(draw):  # a step happens with probability 1/2; its parameter is drawn only then
+        return draw() if rng.integers(2) else None
 
-    def contrast(x):
-        return convert(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
-
-    if rng.integers(2):
-        img = convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    brightness = maybe(lambda: rng.uniform(-brightness_delta, brightness_delta))
     mode = rng.integers(2)  # mmseg's code does contrast first when mode == 1 (its comment says the opposite)
-    if mode == 1:
-        img = contrast(img)
-    if rng.integers(2):
-        hsv = rgb_to_hsv(img)
-        hsv[1] = convert(hsv[1], alpha=rng.uniform(*saturation_range))
-        img = hsv_to_rgb(hsv)
-    if rng.integers(2):
-        hsv = rgb_to_hsv(img)
-        hsv[0] = (hsv[0].int() + int(rng.integers(-hue_delta, hue_delta))) % 180  # shift in [-18, 17]
-        img = hsv_to_rgb(hsv)
-    if mode == 0:
-        img = contrast(img)
-    return img
+    contrast_first = maybe(lambda: rng.uniform(*contrast_range)) if mode == 1 else None
+    saturation = maybe(lambda: rng.uniform(*saturation_range))
+    hue = maybe(lambda: int(rng.integers(-hue_delta, hue_delta)))  # a shift in [-18, 17]
+    contrast_last = maybe(lambda: rng.uniform(*contrast_range)) if mode == 0 else None
+
+    def convert(x, alpha=1.0, beta=0.0):  # float32 x * alpha + beta, clip, then truncate to uint8 as mmseg does
+        return x.float().mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
+
+    def apply(x):
+        if brightness is not None:
+            x = convert(x, beta=brightness)
+        if contrast_first is not None:
+            x = convert(x, alpha=contrast_first)
+        if saturation is not None:
+            hsv = rgb_to_hsv(x)
+            hsv[1] = convert(hsv[1], alpha=saturation)
+            x = hsv_to_rgb(hsv)
+        if hue is not None:
+            hsv = rgb_to_hsv(x)
+            hsv[0] = (hsv[0].int() + hue) % 180
+            x = hsv_to_rgb(hsv)
+        if contrast_last is not None:
+            x = convert(x, alpha=contrast_last)
+        return x
+
+    # Every step is per pixel, so it runs on bands of 64 rows: their temporaries stay small enough to be reused
+    # and cached, instead of fresh multi-megabyte buffers (page faults took most of the time).
+    return torch.cat([apply(band) for band in img.split(64, dim=1)], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
