@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from denseclip.activation_checkpoint import checkpoint_activations
 from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS
 from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
@@ -81,6 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute the image encoder's residual blocks in the backward: less memory, ~1/3 more time")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default="runs/default")
     g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any)")
@@ -125,6 +128,8 @@ def main(argv=None):
     elif cfg.clip_weights:
         print0(f"note: training {args.model} from random weights; the official recipe starts from "
                f"--pretrained pretrained/{cfg.clip_weights}")
+    if args.checkpoint_activations:
+        print0(f"activation checkpointing: {checkpoint_activations(model)} residual blocks")
     if world > 1:
         model = convert_sync_batchnorm(model, device)  # only here: SyncBN on a single process crashes (issue #24)
     model.to(device)

@@ -104,3 +104,23 @@ def test_bf16_autocast_keeps_losses_bn_statistics_and_score_map_in_fp32():
         m(x)
     assert torch.allclose(m.running_mean, x.float().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
     assert torch.allclose(m.running_var, x.float().var((0, 2, 3)), rtol=1e-4)
+
+
+def test_checkpoint_activations_same_gradients_and_bn_statistics():
+    from denseclip.activation_checkpoint import checkpoint_activations
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model("denseclip_tiny", SHAPE_CLASSES).train()  # dropout on: checkpoint replays the RNG
+        if ckpt:
+            assert checkpoint_activations(model) == 4  # the tiny ResNet's four Bottlenecks, not the text encoder
+        images, labels = micro_batches(n=1)[0]
+        torch.manual_seed(1)
+        sum(model(images, labels).values()).backward()
+        results.append(({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, model.state_dict()))
+    (g0, s0), (g1, s1) = results
+    assert set(g0) == set(g1) and s0.keys() == s1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-5, atol=1e-7), name
+    for name in s0:  # running statistics updated once (num_batches_tracked 1), as without checkpointing
+        assert torch.allclose(s0[name].float(), s1[name].float(), rtol=1e-6, atol=1e-7), name
