@@ -1,13 +1,17 @@
-"""Train a DenseCLIP segmentor (Rao et al., CVPR 2022): one plain loop, DDP through torchrun, AMP, exact resume.
+"""Train a DenseCLIP segmentor or detector (Rao et al., CVPR 2022): one plain loop, DDP through torchrun, AMP,
+exact resume.
 
     python train.py                                  # denseclip_tiny on built-in procedural shapes, CPU, minutes
     torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt
+    torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt
 
 The optimisation is the official mmseg/mmcv set-up written out: AdamW, per-parameter lr/decay multipliers
 (`param_groups`), poly decay with linear warmup (`lr_at`), 80k iterations at global batch 32. What differs on
 purpose: SyncBN only with more than one process (official issue #24), gradient accumulation so any number of
 GPUs reaches the global batch (issues #13, #30), a frozen text encoder that is not in the optimiser at all
 (issue #28), and checkpoints that resume bit-exactly (data position and every RNG state included).
+Detection (the task follows from --model) runs the same loop with mmdet's 1x recipe: step schedule by epoch
+(`step_lr_at`), gradient clipping at max-norm 0.1, 2 images x 8 GPUs, evaluation with COCOeval.
 """
 import argparse
 import contextlib
@@ -23,15 +27,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from denseclip import build_model
 from denseclip.activation_checkpoint import checkpoint_activations
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS
+from denseclip.coco import STAT_NAMES
+from denseclip.configs import CONFIGS, task_of
 from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
 from denseclip.engine import (add_data_args, autocast, build_dataset, config_overrides, evaluate, latest_checkpoint,
-                              rng_state, save_checkpoint, set_rng_state, train_batches)
+                              rng_state, save_checkpoint, set_rng_state, to_device, train_batches)
 from denseclip.language import PixelTextMatching
-from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups
-from denseclip.segmentor import build_model
+from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
 
 # Options left unset take these values. ADE20K and user folders: the official 80k schedule at global batch 32
 # (4 images x 8 GPUs). Procedural: a CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from
@@ -42,6 +47,15 @@ DEFAULTS = {
                      eval_interval=8000, save_interval=8000, workers=4),
     "procedural": dict(iters=3000, batch_size=8, global_batch=None, lr=2e-3, warmup_iters=50, backbone_lr_mult=1.0,
                        eval_interval=1000, save_interval=1000, workers=0),
+    # Detection (retinanet_*): mmdet's COCO 1x, 12 epochs at global batch 16 (2 images x 8 GPUs), lr x0.1 at
+    # epochs 8 and 11, evaluation and checkpoint every epoch (eval/save intervals left unset = one epoch).
+    "detection_official": dict(epochs=12, lr_steps=[8, 11], batch_size=2, global_batch=16, lr=1e-4,
+                               warmup_iters=500, backbone_lr_mult=0.1, clip_grad=0.1, workers=2),
+    # Procedural detection: the same 1x shape (12 epochs, steps at 8 and 11) over 2000-image epochs, sized like
+    # the procedural segmentation run (3000 steps of 8 images); from random weights, like it.
+    "detection_procedural": dict(epochs=12, lr_steps=[8, 11], batch_size=8, global_batch=None, lr=1e-3,
+                                 warmup_iters=50, backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=1000,
+                                 save_interval=1000, workers=0),
 }
 
 EPILOG = """defaults (options left unset):
@@ -49,10 +63,17 @@ EPILOG = """defaults (options left unset):
       backbone-lr-mult 0.1, eval/save every 8000, workers 4                              (the official recipe)
   --dataset procedural: iters 3000, batch-size 8, global-batch = batch-size x processes, lr 2e-3,
       warmup-iters 50, backbone-lr-mult 1.0, eval/save every 1000, workers 0  (tiny model from random weights)
+  detection (--model retinanet_*), --dataset coco: epochs 12, lr-steps 8 11, batch-size 2, global-batch 16,
+      lr 1e-4, warmup-iters 500 (from lr x 0.001), backbone-lr-mult 0.1, clip-grad 0.1, eval/save every epoch,
+      workers 2                                                                   (mmdet's 1x recipe)
+  detection, --dataset procedural: epochs 12 of 2000 images (3000 iterations), lr-steps 8 11, batch-size 8,
+      lr 1e-3, warmup-iters 50, backbone-lr-mult 1.0, clip-grad 1.0, eval/save every 1000, workers 0
 
 recipes:
   python train.py                                   # denseclip_tiny, procedural shapes, ~6 min on 2 CPU cores
   python train.py --model fpn_tiny                  # its no-language baseline
+  python train.py --model retinanet_denseclip_tiny  # a detector on procedural shapes (retinanet_tiny: no language)
+  torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt
   # official ADE20K run: 8 GPUs x 4 images = global batch 32, SyncBN
   torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt
   # the same global batch on ONE GPU: 8 images x 4 accumulation steps (BN statistics then cover 8 images, not 32)
@@ -70,14 +91,17 @@ def parse_args(argv=None):
                    help="named config (denseclip_* with language, fpn_* the plain-FPN baselines)")
     add_data_args(p)
     g = p.add_argument_group("optimisation (unset: see defaults below)")
-    g.add_argument("--iters", type=int, help="optimiser steps")
+    g.add_argument("--iters", type=int, help="optimiser steps (detection: default epochs x iterations per epoch)")
+    g.add_argument("--epochs", type=int, help="detection: epochs of train images // global batch iterations each")
+    g.add_argument("--lr-steps", type=int, nargs="+", help="detection: epochs at which the lr drops x0.1")
     g.add_argument("--batch-size", type=int, help="images per process per forward")
     g.add_argument("--global-batch", type=int, help="images per optimiser step, all processes together; "
                                                     "accumulation steps = global / (batch-size x processes)")
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--warmup-iters", type=int)
-    g.add_argument("--min-lr", type=float, default=1e-6, help="poly schedule floor (absolute, every group)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="segmentation: poly schedule floor (absolute, every "
+                                                             "group)")
     g.add_argument("--backbone-lr-mult", type=float, help="lr multiplier of the image encoder")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
@@ -95,7 +119,10 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
-    for key, value in DEFAULTS["procedural" if args.dataset == "procedural" else "official"].items():
+    recipe = "procedural" if args.dataset == "procedural" else "official"
+    if task_of(args.model) == "detection":
+        recipe = "detection_" + recipe
+    for key, value in DEFAULTS[recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -116,12 +143,20 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels (as mmseg)
+    detection = task_of(args.model) == "detection"
+    # Fixed crop sizes: let cuDNN pick its fastest kernels (as mmseg); detection images differ in size (as mmdet).
+    torch.backends.cudnn.benchmark = not detection
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
-    overrides = config_overrides(args.overrides)
+    overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     cfg = replace(CONFIGS[args.model](), **overrides)
     train_set, val_set = build_dataset(args, "train", cfg), build_dataset(args, "val", cfg)
+    if detection:  # mmdet counts in epochs: one is len(train) // global batch optimiser steps here
+        per_epoch = max(len(train_set) // args.global_batch, 1)
+        args.iters = args.iters or args.epochs * per_epoch
+        lr_steps = [e * per_epoch for e in args.lr_steps]
+        args.eval_interval = per_epoch if args.eval_interval is None else args.eval_interval
+        args.save_interval = per_epoch if args.save_interval is None else args.save_interval
     model = build_model(args.model, train_set.class_names, **overrides)
     if args.pretrained:
         print0(f"initialising from {args.pretrained}:\n{load_checkpoint(model, args.pretrained)}")
@@ -186,29 +221,39 @@ def main(argv=None):
         cm = evaluate(model_without_ddp, val_set, device, amp=args.amp, workers=min(args.workers, 2))
         model.train()
         res = cm.compute()
+        if detection:  # cm: a coco.CocoEvaluator
+            print0(f"iter {it}: bbox AP {100 * res['AP']:.2f}  AP50 {100 * res['AP50']:.2f}  "
+                   f"AP75 {100 * res['AP75']:.2f}")
+            log({"iter": it, **{k: res[k] for k in STAT_NAMES}})
+            return res, cm
         print0(f"iter {it}: val mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}  "
                f"aAcc {100 * res['aAcc']:.2f}")
         log({"iter": it, **{k: res[k] for k in ("mIoU", "mAcc", "aAcc")}})
         return res, cm
 
+    def lr_of(it, base_lr):
+        if detection:
+            return step_lr_at(it, base_lr, lr_steps, args.warmup_iters)
+        return lr_at(it, base_lr, args.iters, args.warmup_iters, args.min_lr)
+
     model.train()
     sums, n_logged, busy = {}, 0, 0.0  # busy: seconds spent in training steps since the last log line
     for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
         t0 = time.time()
-        lr = lr_at(it, args.lr, args.iters, args.warmup_iters, args.min_lr)
+        lr = lr_of(it, args.lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, group["initial_lr"], args.iters, args.warmup_iters, args.min_lr)
+            group["lr"] = lr_of(it, group["initial_lr"])
         with contextlib.ExitStack() as text_once:
             for m in matchers:
                 text_once.enter_context(m.text_once_per_step(all_reduce=world > 1))
             for micro in range(accum):
                 epoch, seen, images, labels = next(batches)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, labels = to_device((images, labels), device)  # detection: lists of images and target dicts
                 # Gradients are all-reduced once per optimiser step, on the last micro-batch.
                 sync = world == 1 or micro == accum - 1
                 with contextlib.nullcontext() if sync else model.no_sync():
                     with autocast(device, args.amp):
-                        losses = model(images, labels)  # {"loss_decode": ..., "loss_aux": ...}
+                        losses = model(images, labels)  # {"loss_decode"/"loss_cls", "loss_bbox", ..., "loss_aux"}
                     loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
                     scaler.scale(loss).backward()
                 for k, v in losses.items():
@@ -249,7 +294,10 @@ def main(argv=None):
 
     res, cm = run_eval(args.iters)
     print0(cm.format_table(train_set.class_names))
-    print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
+    if detection:
+        print0(f"{args.model}, {args.iters} iterations:\nbbox AP {100 * res['AP']:.2f}")
+    else:
+        print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
     if log_file:
         log_file.close()
     if world > 1:

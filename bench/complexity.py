@@ -1,4 +1,4 @@
-"""GFLOPs and parameters of the named segmentation configs, counted the way the official DenseCLIP table was.
+"""GFLOPs and parameters of the named configs, counted the way the official DenseCLIP tables were.
 
 The official numbers (README model zoo; segmentation/get_flops.py --fvcore, torch ~1.9, mmseg 0.19, autumn
 2021) are fvcore's `FlopCountAnalysis` of `forward_dummy` (whole-image encode_decode: backbone, context
@@ -24,6 +24,18 @@ graph with the same handles, with three adjustments that keep the counts compara
    (as the official table, the old rule) and "fvcore now" (today's rule, the real multiply-adds).
 Everything else uses fvcore's default handles, unchanged since 2021: convs, linears, matmul, einsum, norms
 and the bilinear/nearest resizes are counted; additions, activations, softmax and pooling are not.
+
+Detection (the RetinaNet rows). The official detection table (README "RetinaNet": FLOPs 265 / 285 / 341 / 360 G)
+was counted on mmdet's get_flops default input, 1280x800 (H x W), through `forward_dummy`: backbone, context
+decoder with RANDOM text features (`dummy=True`: the text encoder is not run), score map, FPN and RetinaHead, no
+anchors, decoding or NMS. We count the same graph (extract_feat + head, text features cached) with the same fvcore
+handles; parameters exclude the text encoder as for segmentation. Every count rounds to the published integer
+(GFLOPs within 0.07%; params 37.99, 60.45, 56.98, 78.00 M for 38, 60, 57, 78). The counter is fvcore's, not the
+mmcv hook-based one that mmdet's get_flops uses by default: hooks never see the official attention pool, which
+calls F.multi_head_attention_forward with its projections' weights rather than the nn.Linear modules (18.8 G at
+this size), nor the score-map einsum, so by our per-module estimate mmcv would put RN50-DenseCLIP only ~1.1 G
+(context decoder, wider C5 inputs) above RN50-CLIP; the published gap is 20 G, fvcore's 20.0 G. The official
+DenseCLIP segmentation code ships its fvcore counter (get_flops.py --fvcore).
 
 Remaining differences from the official table (measured numbers: bench/README.md) and our best explanation:
 - fpn_clip_vitb16 params: ours 101.28M vs 100.8M. Hypothesis: the official row was measured with the ViT
@@ -57,10 +69,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from denseclip.configs import CONFIGS  # noqa: E402
-from denseclip.segmentor import build_model  # noqa: E402
+from denseclip import build_model  # noqa: E402
+from denseclip.configs import CONFIGS, task_of  # noqa: E402
 
-# Official model zoo, README of raoyongming/DenseCLIP: (GFLOPs at 1024x1024, params M without text encoder).
+# Input (H, W) of the official counts: get_flops.py --fvcore at 1024x1024 for segmentation, mmdet's get_flops
+# default shape (1280, 800) for detection.
+DEFAULT_SIZE = {"segmentation": (1024, 1024), "detection": (1280, 800)}
+
+# Official model zoo, README of raoyongming/DenseCLIP: (GFLOPs at DEFAULT_SIZE, params M without text encoder).
 OFFICIAL = {
     "fpn_clip_r50": (248.8, 31.0),
     "denseclip_r50": (269.2, 50.3),
@@ -68,6 +84,10 @@ OFFICIAL = {
     "denseclip_r101": (346.3, 67.8),
     "fpn_clip_vitb16": (1037.4, 100.8),
     "denseclip_vitb16": (1043.1, 105.3),
+    "retinanet_clip_r50": (265, 38),
+    "retinanet_denseclip_r50": (285, 60),
+    "retinanet_clip_r101": (341, 57),
+    "retinanet_denseclip_r101": (360, 78),
 }
 
 NOTES = [
@@ -82,6 +102,8 @@ NOTES = [
     "denseclip_r50 GFLOPs +0.63: exactly the final 256->1024 bilinear resize of the 150 logits "
     "(150*1024^2*4 = 0.629 G -> 269.198); the official RN50 row was likely measured without it (RN101 matches "
     "with it), or 269.8 was mistyped.",
+    "RetinaNet rows: 1280x800 (mmdet get_flops' default shape), forward_dummy's graph (backbone, context decoder, "
+    "FPN, head; no NMS); every count rounds to the published integer (the +0.75% is 60.449 M vs '60').",
 ]
 
 # Ops whose name marks a product of tensors: if fvcore skipped one of these, the count would be too low.
@@ -145,11 +167,26 @@ def breakdown(by_module: Dict[str, int], model: torch.nn.Module) -> Dict[str, in
     return parts
 
 
+def use_dense_forward(detector: torch.nn.Module):
+    """What mmdet's get_flops counts (`model.forward = model.forward_dummy`): features and head outputs of one
+    padded, normalised image; no resize, anchors, decoding or NMS."""
+    def forward(x):
+        feats, _ = detector.extract_feat(x)
+        out = detector.head(feats)
+        return out["cls_logits"], out["bbox_regression"]
+
+    detector.forward = forward
+
+
 @torch.no_grad()
-def measure(name: str, size: int = 1024, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """One row: GFLOPs of the image forward at size x size, params M, text-encoder GFLOPs, diagnostics."""
+def measure(name: str, size=None, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """One row: GFLOPs of the image forward at size (an int: square; (H, W); None: the official input of the
+    task), params M, text-encoder GFLOPs, diagnostics."""
     torch.manual_seed(0)
+    size = DEFAULT_SIZE[task_of(name)] if size is None else (size, size) if isinstance(size, int) else tuple(size)
     model = build_model(name, class_names).eval()
+    if model.task == "detection":
+        use_dense_forward(model)
     t0 = time.perf_counter()
     text_gflops = None
     with warnings.catch_warnings():
@@ -157,7 +194,7 @@ def measure(name: str, size: int = 1024, class_names: Optional[Sequence[str]] = 
         if model.cfg.use_text and model.cfg.prompting != "pre":
             model.text_features()  # fills the cache: the forward below no longer runs the text encoder
             text_gflops = flop_analysis(model.text_encoder, (model.texts, model.contexts)).total() / 1e9
-        fca = flop_analysis(model, (torch.randn(1, 3, size, size),))
+        fca = flop_analysis(model, (torch.randn(1, 3, *size),))
         total, by_module, by_operator = fca.total(), fca.by_module(), fca.by_operator()
     if model.cfg.prompting == "pre":  # per-image prompts: the text encoder is part of the forward
         text_gflops = by_module.get("text_encoder", 0) / 1e9
@@ -180,13 +217,14 @@ def _pct(ours: float, official: Optional[float]) -> str:
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    head = (f"{'config':<24}{'GFLOPs':>9}{'official':>10}{'diff':>9}{'fvcore now':>12}"
+    head = (f"{'config':<26}{'input':>10}{'GFLOPs':>9}{'official':>10}{'diff':>9}{'fvcore now':>12}"
             f"{'params M':>10}{'official':>10}{'diff':>9}{'text enc. GFLOPs':>18}")
     lines = [head, "-" * len(head)]
     for r in rows:
         og, op = r["official_gflops"], r["official_params_m"]
         text = f"{r['text_gflops']:.2f}" if r["text_gflops"] is not None else "-"
-        lines.append(f"{r['config']:<24}{r['gflops']:>9.2f}{og or '-':>10}{_pct(r['gflops'], og):>9}"
+        size = "x".join(map(str, r["size"]))
+        lines.append(f"{r['config']:<26}{size:>10}{r['gflops']:>9.2f}{og or '-':>10}{_pct(r['gflops'], og):>9}"
                      f"{r['gflops_now']:>12.2f}{r['params_m']:>10.3f}{op or '-':>10}{_pct(r['params_m'], op):>9}"
                      f"{text:>18}")
     return "\n".join(lines)
@@ -196,8 +234,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GFLOPs (fvcore, 1 multiply-add = 1 flop) and parameters (without "
                                             "the text encoder) of named configs, next to the official DenseCLIP table.")
     p.add_argument("--configs", nargs="+", default=list(OFFICIAL), choices=list(CONFIGS), metavar="NAME",
-                   help=f"named configs (default: the six with official numbers); known: {', '.join(CONFIGS)}")
-    p.add_argument("--size", type=int, default=1024, help="square input size (official: 1024)")
+                   help=f"named configs (default: the ten with official numbers); known: {', '.join(CONFIGS)}")
+    p.add_argument("--size", type=int, nargs="+", metavar="H [W]",
+                   help="input size, square if one number (default: the official one of each task: segmentation "
+                        "1024x1024, detection 1280x800)")
     p.add_argument("--verbose", action="store_true", help="per-module and per-operator GFLOPs, uncounted ops")
     return p.parse_args(argv)
 
@@ -206,10 +246,11 @@ def main(argv=None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
     rows, t0 = [], time.perf_counter()
     for name in args.configs:
-        row = measure(name, args.size)
+        row = measure(name, None if args.size is None else (args.size * 2)[:2])  # one number: square
         rows.append(row)
         if args.verbose:
-            print(f"\n{name} @ {args.size}x{args.size}: {row['gflops']:.2f} GFLOPs, traced in {row['seconds']:.1f} s")
+            h, w = row["size"]
+            print(f"\n{name} @ {h}x{w}: {row['gflops']:.2f} GFLOPs, traced in {row['seconds']:.1f} s")
             for part, g in row["modules"].items():
                 print(f"  {part:<56}{g:>9.2f}")
             print("  by operator: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["by_operator"].items())))
@@ -217,7 +258,7 @@ def main(argv=None) -> List[Dict[str, Any]]:
         skipped = skipped_products(row["unsupported"])
         if skipped:
             print(f"WARNING {name}: fvcore skipped product ops {skipped}; its count is too low")
-    print(f"\nGFLOPs at {args.size}x{args.size} (fvcore, 1 multiply-add = 1 flop), params without the text encoder:")
+    print("\nGFLOPs (fvcore, 1 multiply-add = 1 flop) at the input shown, params without the text encoder:")
     print(format_table(rows))
     print("\nNotes:\n" + "\n".join(f"- {n}" for n in NOTES))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f} s in all")

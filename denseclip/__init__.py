@@ -3,14 +3,30 @@ context-aware prompting. The public API:
 
     tokenize(texts, context_length=77, truncate=False)   CLIP's BPE, ids identical to clip.tokenize
     load_clip(path_or_state_dict)                         OpenAI CLIP (.pt archive or state dict)
-    build_model(name, class_names=None, **overrides)      a named segmentation config (see CONFIGS)
+    build_model(name, class_names=None, **overrides)      a named config (see CONFIGS): segmentor or detector
+    task_of(name)                                         "segmentation" or "detection", without building
     load_checkpoint(model, path)                          ours, official DenseCLIP, OpenAI CLIP, ImageNet
 """
+from typing import Optional, Sequence
+
 from .checkpoint import load_checkpoint
 from .clip import CLIP, load_clip
-from .configs import CONFIGS, DenseCLIPConfig
-from .segmentor import DenseCLIP, build_model
+from .configs import CONFIGS, DenseCLIPConfig, DetectionConfig, task_of
+from .segmentor import DenseCLIP
 from .tokenizer import tokenize
 
-__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "build_model", "load_checkpoint", "load_clip",
-           "tokenize"]
+
+def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overrides):
+    """The model of a named config, with field overrides. Segmentation class names default to ADE20K's 150,
+    detection ones to COCO's 80. Every model has .task, .cfg, .class_names and .num_classes."""
+    if task_of(name) == "detection":
+        from .detection import build_detector  # imports torchvision's detection package only when needed
+
+        return build_detector(name, class_names, **overrides)
+    from .segmentor import build_model as build_segmentor
+
+    return build_segmentor(name, class_names, **overrides)
+
+
+__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "DetectionConfig", "build_model", "load_checkpoint",
+           "load_clip", "task_of", "tokenize"]

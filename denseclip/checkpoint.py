@@ -1,4 +1,4 @@
-"""Loading weights into a DenseCLIP segmentor, with every key accounted for.
+"""Loading weights into a DenseCLIP segmentor or detector, with every key accounted for.
 
 `load_checkpoint(model, path)` recognises, from the keys alone:
 - a whole-model checkpoint: ours (train.py's `{"model": ...}` or a bare state dict) or an official
@@ -6,6 +6,8 @@
   neck.lateral_convs.0.conv.*, decode_head.scale_heads.*, contexts, gamma). Our module names are
   the official ones, so no renaming happens; the load is strict and any missing, unexpected or
   wrongly shaped key is an error naming it (the official code prints and carries on);
+- an official DenseCLIP / mmdet RetinaNet checkpoint: the same, except that mmdet's RetinaHead
+  (`bbox_head.*`) is renamed onto torchvision's RetinaNetHead (`head.*`) by `mmdet_retina_head_to_ours`;
 - an OpenAI CLIP file (TorchScript archive or state dict): initialises the image encoder (positional
   embeddings resized to the model's grid, as the official init_weights does) and the text encoder
   (positional embedding truncated to the text length). New layers may be missing; CLIP keys the
@@ -13,6 +15,7 @@
 - a torchvision ImageNet ResNet state dict: initialises the any-backbone variant's ResNet.
 Files are read with `torch.load(weights_only=True)`, or as TorchScript archives, which run no pickle code.
 """
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import List, Union
@@ -118,8 +121,33 @@ def clip_to_segmentor(sd: dict, model: nn.Module):
     return out, file_names
 
 
+def mmdet_retina_head_to_ours(sd: dict) -> dict:
+    """mmdet's RetinaHead keys -> torchvision's RetinaNetHead keys; other keys pass unchanged. A `bbox_head.*` key
+    that is not a RetinaHead parameter is an error. No tensor changes: both heads lay out their outputs as
+    (anchor, class) -- channel a*K + k of retina_cls / cls_logits, a*4 + c of retina_reg / bbox_reg -- over
+    anchors ordered (ratio, scale), and both box codings are (dx, dy, dw, dh) with unit weights / stds."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("bbox_head."):
+            out[k] = v
+            continue
+        conv = re.fullmatch(r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", k)
+        final = re.fullmatch(r"bbox_head\.retina_(cls|reg)\.(weight|bias)", k)
+        if conv:
+            branch, i, p = conv.groups()
+            out[f"head.{'classification' if branch == 'cls' else 'regression'}_head.conv.{i}.0.{p}"] = v
+        elif final:
+            branch, p = final.groups()
+            out[f"head.classification_head.cls_logits.{p}" if branch == "cls" else
+                f"head.regression_head.bbox_reg.{p}"] = v
+        else:
+            raise CheckpointError(f"unexpected RetinaHead key {k!r} (expected cls_convs.i.conv, reg_convs.i.conv, "
+                                  f"retina_cls, retina_reg)")
+    return out
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> LoadReport:
-    """Load weights into `model` (a DenseCLIP segmentor); see the module docstring. Returns a report."""
+    """Load weights into `model` (a segmentor or detector); see the module docstring. Returns a report."""
     sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_state_dict(path_or_state_dict)
     if "token_embedding.weight" in sd or "visual.conv1.weight" in sd:
         new = ("backbone.fpn",) if model.cfg.backbone == "vit" else ()
@@ -133,6 +161,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
         sd = {"backbone." + k: v for k, v in sd.items()}
         return _load_partial(model, sd, "imagenet", lambda k: not k.startswith("backbone.") or ".attnpool." in k,
                              file_names)
+    if any(k.startswith("bbox_head.") for k in sd):  # official mmdet RetinaNet
+        sd = mmdet_retina_head_to_ours(sd)
     if "text_embeddings" in sd and hasattr(model, "text_encoder"):  # saved after drop_text_encoder()
         model.drop_text_encoder()
     return _load_whole(model, sd)

@@ -6,7 +6,8 @@ official DenseCLIP checkpoints load strictly. What differs from OpenAI's code:
   (OpenAI permutes to (L, B, C) for `nn.MultiheadAttention`); no `.half()`: use `torch.autocast`.
 - `AttentionPool2d` uses every spatial position as a query, not only the mean token, and returns
   both the pooled feature z̄ (identical to CLIP's) and the dense map z (DenseCLIP's Eq. 1-2).
-  Its positional embedding is resized bilinearly when the feature grid differs from training.
+  Its positional embedding is resized bilinearly when the feature grid differs from training, or, with
+  `crop_pos_embed` (the official detection code), cropped to the feature grid.
 - `ModifiedResNet.forward_dense` / `VisionTransformer.forward_dense` also return the four pyramid
   levels. The ViT pyramid (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one
   of the official DenseCLIP ViT-B/16 backbone, with the same parameter names (fpn1..fpn4).
@@ -55,6 +56,20 @@ def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     return torch.cat([pos[:1], spatial], dim=0)
 
 
+def crop_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept and the top-left H x W
+    block of the square S x S grid is used as is, what the official DenseCLIP detection backbone does (its
+    checkpoints were trained that way; the grid is stored at 1344 // 32 = 42, the largest padded input)."""
+    n, C = pos.shape
+    S = math.isqrt(n - 1)
+    H, W = grid
+    if H > S or W > S:
+        raise ValueError(f"feature grid {H}x{W} exceeds the stored {S}x{S} positional grid: raise input_resolution "
+                         f"to at least {32 * max(H, W)} or resize the input smaller")
+    spatial = pos[1:].reshape(S, S, C)[:H, :W].reshape(H * W, C)  # (H*W, C)
+    return torch.cat([pos[:1], spatial], dim=0)
+
+
 # ----------------------------------------------------------------------------- ModifiedResNet
 class Bottleneck(nn.Module):
     """torchvision's Bottleneck with CLIP's anti-aliasing: every conv has stride 1 and an avgpool
@@ -95,9 +110,12 @@ class AttentionPool2d(nn.Module):
     Input (B, C, H, W). The mean token is prepended, positional embeddings added, and one
     multi-head attention over the 1 + N tokens gives z̄ (the mean token's output, equal to CLIP's
     pooled feature) and z (every other token's output, projected the same way by c_proj).
+    `crop_pos_embed`: crop the stored positional grid to the feature grid (official detection) instead of
+    resizing it (official segmentation, CLIP).
     """
 
-    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None):
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None,
+                 crop_pos_embed: bool = False):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
@@ -105,13 +123,15 @@ class AttentionPool2d(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
         self.num_heads = num_heads
+        self.crop_pos_embed = crop_pos_embed
 
     def forward(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
         B, C, H, W = x.shape
         h = self.num_heads
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+N, C)
-        x = x + resize_pos_embed(self.positional_embedding, (H, W)).to(x.dtype)
+        pos = (crop_pos_embed if self.crop_pos_embed else resize_pos_embed)(self.positional_embedding, (H, W))
+        x = x + pos.to(x.dtype)  # (B, 1+N, C)
         q, k, v = (p(x).view(B, 1 + H * W, h, C // h).transpose(1, 2)  # (B, h, 1+N, C/h)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1+N, C/h)
@@ -126,12 +146,13 @@ class ModifiedResNet(nn.Module):
     - a 3-conv stem (stride 2, then 1, 1) followed by a 2x2 avgpool instead of one 7x7 conv + maxpool;
     - anti-aliased strided blocks (see Bottleneck);
     - attention pooling instead of global average pooling (absent when output_dim is None, as in
-      the plain-FPN CLIP baselines, whose checkpoints have no attnpool weights).
+      the plain-FPN CLIP baselines, whose checkpoints have no attnpool weights); `crop_pos_embed` as in
+      AttentionPool2d.
     `forward` gives CLIP's image embedding; `forward_dense` gives the pyramid, z̄ and z.
     """
 
     def __init__(self, layers: Sequence[int], output_dim: Optional[int], heads: int,
-                 input_resolution: int = 224, width: int = 64):
+                 input_resolution: int = 224, width: int = 64, crop_pos_embed: bool = False):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
@@ -152,7 +173,7 @@ class ModifiedResNet(nn.Module):
         self.out_channels = [width * 4 * 2 ** i for i in range(4)]  # 256, 512, 1024, 2048 for width 64
         self.attnpool = None
         if output_dim is not None:
-            self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+            self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim, crop_pos_embed)
         self.init_weights()
 
     def init_weights(self):

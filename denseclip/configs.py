@@ -1,6 +1,7 @@
-"""Named model configs, mirroring the official DenseCLIP segmentation configs.
+"""Named model configs, mirroring the official DenseCLIP segmentation and detection configs.
 
-One dataclass, a comment per field; each named config is a plain function returning it. No
+One dataclass per model family (`DenseCLIPConfig`: segmentation; `DetectionConfig`: detection), a comment
+per field; each named config is a plain function returning one. No
 registry and no `_base_` inheritance: what a name builds is written out below. Overrides go
 through `dataclasses.replace`, so an unknown field is an error rather than a silent no-op (the
 official configs carry keys such as `style='pytorch'` or `outdim=` that nothing reads).
@@ -106,5 +107,104 @@ def fpn_tiny():
     return _baseline(denseclip_tiny())
 
 
+@dataclass
+class DetectionConfig:
+    """DenseCLIP detectors (official `detection/`, mmdet 2.17) on torchvision's RetinaNet. The text and prompting
+    fields mean what they mean in DenseCLIPConfig (language.py reads them from either)."""
+    # --- image encoder: CLIP ModifiedResNet (the only image encoder of the official detection code)
+    backbone: str = "resnet"
+    vision_layers: Tuple[int, ...] = (3, 4, 6, 3)  # blocks per ResNet stage
+    vision_width: int = 64  # ResNet stem width (stage widths are 4x, 8x, 16x, 32x)
+    vision_heads: int = 32  # attention-pool heads (official: hard-coded 32)
+    input_resolution: int = 1344  # attention-pool positional grid 42 x 42: max_size 1333 padded to a multiple of 32
+    embed_dim: Optional[int] = 1024  # joint text-image dimension D; None: no attnpool/text (CLIP baselines)
+    crop_pos_embed: bool = True  # official detection: crop the stored grid to the feature grid (not resize it)
+    # --- text encoder (frozen) and learnable contexts
+    use_text: bool = True  # False: the plain CLIP ResNet + FPN baseline (no text, no score map, no aux loss)
+    class_token_length: int = 5  # SOT + up to 3 BPE tokens + EOT per class name (official context_length=5)
+    num_contexts: int = 8  # learnable context vectors: official text context_length 13 - 5
+    truncate_class_names: bool = False  # cut names longer than the budget instead of raising
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    vocab_size: int = 49408
+    freeze_text_encoder: bool = True  # requires_grad_(False); the contexts still learn through it
+    # --- context-aware prompting
+    prompting: str = "post"  # "post" (context decoder, the official detectors), "pre" or "none"
+    decoder_width: int = 256
+    decoder_heads: int = 4
+    decoder_layers: int = 3
+    decoder_dropout: float = 0.1
+    gamma_init: float = 1e-4  # small: start from CLIP's own text features
+    # --- score map and auxiliary loss
+    tau: float = 0.07  # CLIP's temperature: s / tau is what joins stage 4 and what the aux loss sees
+    aux_loss_weight: float = 1.0  # official seg_loss: box-target BCE on s / tau, weight 1
+    # --- neck: mmdet's FPN
+    neck_channels: int = 256
+    fpn_start_level: int = 1  # RetinaNet: laterals from C3..C5 (C2 unused)
+    fpn_num_outs: int = 5  # P3..P7 (strides 8..128)
+    fpn_add_extra_convs: str = "on_input"  # P6 = stride-2 3x3 conv on C5 (+ scores), P7 on P6; "": max pool
+    fpn_relu_before_extra_convs: bool = False  # mmdet's default, kept by the official RetinaNet config
+    # --- RetinaNet anchors (mmdet AnchorGenerator) and training assignment (MaxIoUAssigner)
+    anchor_strides: Tuple[int, ...] = (8, 16, 32, 64, 128)  # one per FPN output
+    octave_base_scale: float = 4.0  # anchor side = stride x 4 x 2^(i/3): 32..813 px over P3..P7
+    scales_per_octave: int = 3
+    anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    fg_iou_thresh: float = 0.5  # pos_iou_thr
+    bg_iou_thresh: float = 0.4  # neg_iou_thr; in between: ignored
+    # --- input: torchvision's GeneralizedRCNNTransform (keep-ratio resize, CLIP mean/std, pad)
+    min_size: int = 800  # shorter side (mmdet img_scale (1333, 800))
+    max_size: int = 1333  # longer side cap
+    size_divisible: int = 32  # pad to a multiple of the coarsest backbone stride
+    # --- test time: mmdet test_cfg of the official RetinaNet config
+    score_thresh: float = 0.05  # score_thr
+    nms_thresh: float = 0.5  # nms iou_threshold
+    topk_candidates: int = 1000  # nms_pre (per level)
+    detections_per_img: int = 100  # max_per_img
+    clip_weights: Optional[str] = None  # OpenAI CLIP file the official recipe starts from (pretrained/<name>)
+
+
+def retinanet_denseclip_r50():
+    return DetectionConfig(clip_weights="RN50.pt")
+
+
+def retinanet_denseclip_r101():
+    return DetectionConfig(vision_layers=(3, 4, 23, 3), embed_dim=512, clip_weights="RN101.pt")
+
+
+def _detection_baseline(cfg):
+    cfg.use_text, cfg.embed_dim, cfg.prompting = False, None, "none"
+    return cfg
+
+
+def retinanet_clip_r50():
+    return _detection_baseline(retinanet_denseclip_r50())
+
+
+def retinanet_clip_r101():
+    return _detection_baseline(retinanet_denseclip_r101())
+
+
+def retinanet_denseclip_tiny():
+    # CPU-sized, for the built-in procedural images: denseclip_tiny's towers; the positional grid 224 // 32 = 7
+    # covers max_size 213 padded to 224, as 1344 covers 1333 officially.
+    return DetectionConfig(vision_layers=(1, 1, 1, 1), vision_width=16, vision_heads=8, input_resolution=224,
+                           embed_dim=64, text_width=128, text_heads=2, text_layers=2, decoder_width=32,
+                           decoder_heads=2, decoder_layers=1, neck_channels=32, min_size=128, max_size=213)
+
+
+def retinanet_tiny():
+    return _detection_baseline(retinanet_denseclip_tiny())
+
+
 CONFIGS = {f.__name__: f for f in (denseclip_r50, denseclip_r101, denseclip_vitb16, fpn_clip_r50, fpn_clip_r101,
-                                   fpn_clip_vitb16, denseclip_imagenet_r50, denseclip_tiny, fpn_tiny)}
+                                   fpn_clip_vitb16, denseclip_imagenet_r50, denseclip_tiny, fpn_tiny,
+                                   retinanet_denseclip_r50, retinanet_clip_r50, retinanet_denseclip_r101,
+                                   retinanet_clip_r101, retinanet_denseclip_tiny, retinanet_tiny)}
+
+
+def task_of(name: str) -> str:
+    """"segmentation" or "detection", from a config name, without building the model."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    return "detection" if isinstance(CONFIGS[name](), DetectionConfig) else "segmentation"

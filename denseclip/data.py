@@ -175,9 +175,11 @@ def _two_colours(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     return c0 + t[..., None] * (c1 - c0)
 
 
-def render_shapes(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
+def render_shapes(rng: np.random.Generator, size: int, instances: bool = False):
     """One image (uint8 (S, S, 3)) and label (uint8 (S, S)): a textured background and 1-4 shapes, later ones on
-    top. Colours are drawn independently of the class, so colour alone cannot tell the classes apart."""
+    top. Colours are drawn independently of the class, so colour alone cannot tell the classes apart.
+    With `instances`, also the instance map (uint8 (S, S): 0 background, i the i-th shape drawn, where it is
+    visible) and the list of the shapes' classes; the random draws, hence image and label, are the same."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     a = rng.uniform(0, 2 * math.pi)
     along = (xx * math.cos(a) + yy * math.sin(a)) / size  # a coordinate along a random direction, ~[-1.4, 1.4]
@@ -196,9 +198,10 @@ def render_shapes(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.n
         k = int(rng.integers(2, 7))
         grid = Image.fromarray(rng.integers(0, 256, (k, k, 3), dtype=np.uint8))
         img = np.asarray(grid.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    label = np.zeros((size, size), np.uint8)
+    label, inst, classes = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), []
     for _ in range(int(rng.integers(1, 5))):
         cls = int(rng.integers(1, len(SHAPE_CLASSES)))
+        classes.append(cls)
         cx, cy = rng.uniform(0, size, 2)
         rad = rng.uniform(0.1, 0.3) * size
         th = rng.uniform(0, 2 * math.pi)
@@ -213,8 +216,10 @@ def render_shapes(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.n
         m = _shape_mask(cls, u, v)
         img[y0:y1, x0:x1][m] = fill[m]
         label[y0:y1, x0:x1][m] = cls
+        inst[y0:y1, x0:x1][m] = len(classes)
     img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0, 10)  # sensor-like noise
-    return np.clip(img, 0, 255).astype(np.uint8), label
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return (img, label, inst, classes) if instances else (img, label)
 
 
 class ProceduralShapes(torch.utils.data.Dataset):

@@ -1,5 +1,8 @@
 """What train.py and eval.py share: the data options and dataset construction, mixed precision, the
 resumable distributed batch stream, training checkpoints (atomic writes, every RNG state) and evaluation.
+Both tasks go through the same functions: segmentation batches are `(images (B, 3, H, W), labels (B, H, W))`,
+detection batches `(list of (3, H, W) images, list of target dicts)` (see coco.py); `train_batches` and
+`evaluate` choose by the dataset's / model's `task`.
 
 Kept in the package (as torchvision's references keep theirs in utils.py) so that neither script imports the
 other and each reads as one plain loop.
@@ -18,8 +21,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from . import data, transforms
-from .configs import DenseCLIPConfig
+from . import coco, data, transforms
+from .configs import DenseCLIPConfig, task_of
 from .metrics import ConfusionMatrix
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
@@ -37,10 +40,18 @@ def autocast(device: torch.device, amp: str):
 # -------------------------------------------------------------------------------------------- options
 def add_data_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder"], default="procedural",
+    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder", "coco"], default="procedural",
                    help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
-                        "layout; folder: your own images/labels (see --img-dir)")
-    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root")
+                        "layout; folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
+                        "any COCO-format json + image folder (see --train-ann)")
+    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root; "
+                                       "coco: default data/coco")
+    g.add_argument("--train-ann", help="coco: training annotations (default DATA_ROOT/annotations/"
+                                       "instances_train2017.json); class names come from its categories")
+    g.add_argument("--train-images", help="coco: training image folder (default DATA_ROOT/train2017)")
+    g.add_argument("--val-ann", help="coco: validation annotations (default DATA_ROOT/annotations/"
+                                     "instances_val2017.json)")
+    g.add_argument("--val-images", help="coco: validation image folder (default DATA_ROOT/val2017)")
     g.add_argument("--img-dir", default="images", help="folder: images under DATA_ROOT/IMG_DIR/SPLIT")
     g.add_argument("--ann-dir", default="annotations", help="folder: labels (same stem) under DATA_ROOT/ANN_DIR/SPLIT")
     g.add_argument("--train-split", default="training", help="folder: training split name (default: training)")
@@ -53,14 +64,17 @@ def add_data_args(p: argparse.ArgumentParser):
                    help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
     g.add_argument("--crop-size", type=int,
                    help="training crop (default: the model's input_resolution); procedural: the image size")
+    g.add_argument("--train-size", type=int, help="procedural: training images per epoch (default: segmentation 20000, "
+                                                  "detection 2000)")
     g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
 
 
-def config_overrides(items) -> dict:
-    """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; unknown fields fail."""
-    known, out = {f.name for f in fields(DenseCLIPConfig)}, {}
+def config_overrides(items, config_type=DenseCLIPConfig) -> dict:
+    """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; fields unknown to the
+    model's config dataclass fail."""
+    known, out = {f.name for f in fields(config_type)}, {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -74,10 +88,14 @@ def config_overrides(items) -> dict:
 
 def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     """The train or val dataset named by the data options; split is 'train' or 'val'."""
+    if task_of(args.model) == "detection":
+        return build_detection_dataset(args, split, model_cfg)
     crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
     n = None if train else args.val_size or None  # 0 or unset: all
+    if args.dataset == "coco":
+        raise SystemExit(f"--dataset coco is detection data; {args.model} is a segmentation model")
     if args.dataset == "procedural":
-        return data.ProceduralShapes(split, size=crop, length=n, seed=args.seed)
+        return data.ProceduralShapes(split, size=crop, length=args.train_size if train else n, seed=args.seed)
     transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
         else transforms.TestTransform(scale=tuple(args.scale))
     if args.dataset == "ade20k":
@@ -94,6 +112,25 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     return dataset
 
 
+def build_detection_dataset(args, split: str, model_cfg):
+    """Detection data: procedural shapes with boxes (images the size of the model's min_size unless --crop-size),
+    or COCO-format files; --val-size keeps the first N validation images (COCOeval then scores only those)."""
+    train = split == "train"
+    n = (args.train_size if train else args.val_size) or None
+    if args.dataset == "procedural":
+        return coco.ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed)
+    n = None if train else n
+    if args.dataset != "coco":
+        raise SystemExit(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
+                         "--dataset coco (COCO or a COCO-format json) or procedural")
+    root = Path(args.data_root or "data/coco")
+    ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
+    images = (args.train_images if train else args.val_images) or root / f"{split}2017"
+    dataset = coco.CocoDetection(images, ann, train=train, seed=args.seed)
+    dataset.ids = dataset.ids[:n]
+    return dataset
+
+
 def saved_train_args(path: str) -> dict:
     """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
     try:  # mmap: only the small pickle is read here, not the tensors
@@ -104,6 +141,21 @@ def saved_train_args(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------- distributed data
+def collate_detection(batch):
+    """[(image, target), ...] -> (list of images, list of targets): detection images keep their own sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def to_device(batch, device: torch.device):
+    """Move a segmentation batch (two tensors) or a detection batch (two lists) to `device`."""
+    images, labels = batch
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return ([im.to(device, non_blocking=True) for im in images],
+            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in labels])
+
+
 def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
     """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
 
@@ -122,7 +174,8 @@ def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, ep
         # (exact resume); the datasets draw from rng(seed, epoch, index) anyway.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                              pin_memory=torch.cuda.is_available(),
-                                             generator=torch.Generator().manual_seed(seed + epoch))
+                                             generator=torch.Generator().manual_seed(seed + epoch),
+                                             collate_fn=collate_detection if is_detection(dataset) else None)
         for k, (images, labels) in enumerate(loader, 1):
             yield epoch, seen + k * per_step, images, labels
         epoch, seen = epoch + 1, 0
@@ -182,9 +235,17 @@ def image_name(dataset, index: int) -> str:
     return f"{index:06d}.png"
 
 
+def is_detection(obj) -> bool:
+    """A detection dataset or model (their `task`); segmentation ones may not say."""
+    return getattr(obj, "task", "segmentation") == "detection"
+
+
 @torch.no_grad()
 def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="none", workers=0, show_dir=None):
-    """Confusion matrix of `model` on `dataset`, summed over all ranks; one image at a time (sizes differ)."""
+    """Confusion matrix of `model` on `dataset`, summed over all ranks; one image at a time (sizes differ).
+    Detectors: a coco.CocoEvaluator holding every rank's detections (mode, ratios, flip, show_dir unused)."""
+    if is_detection(model):
+        return evaluate_detection(model, dataset, device, amp, workers)
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
@@ -205,3 +266,24 @@ def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="
             im.save(path)  # a palette PNG: viewable, and its pixel values are the class indices
     cm.reduce_from_all_processes()
     return cm
+
+
+@torch.no_grad()
+def evaluate_detection(model, dataset, device, amp="none", workers=0) -> coco.CocoEvaluator:
+    """Detections on `dataset` gathered from all ranks, ready for COCOeval. One image at a time, as mmdet tests:
+    a batch would pad images to a common size, and the attention pool's global token would then see the
+    padding, so a detection would depend on which images it was batched with (and on the number of ranks)."""
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         num_workers=workers, collate_fn=collate_detection,
+                                         pin_memory=device.type == "cuda")
+    evaluator = coco.CocoEvaluator(dataset)
+    for index, batch in zip(indices, loader):
+        images, targets = to_device(batch, device)
+        with autocast(device, amp):
+            det = model(images)[0]  # boxes (n, 4) xyxy in the image's own pixels, scores (n,), labels (n,)
+        evaluator.update(index, int(targets[0]["image_id"]), det)
+    evaluator.reduce_from_all_processes()
+    return evaluator

@@ -1,9 +1,12 @@
 """The official optimiser set-up (mmcv), written out: per-parameter lr / weight-decay multipliers chosen by
-substring keys (`paramwise_cfg.custom_keys`) and the poly learning-rate schedule with linear warmup."""
+substring keys (`paramwise_cfg.custom_keys`), the poly learning-rate schedule with linear warmup (segmentation)
+and the step schedule with linear warmup (detection)."""
 from torch import nn
 
 WARMUP_RATIO = 1e-6  # mmcv's warmup_ratio in the official configs: warmup starts at base_lr * 1e-6
 POLY_POWER = 0.9
+STEP_WARMUP_RATIO = 1e-3  # the official detection configs: warmup starts at base_lr * 0.001
+STEP_GAMMA = 0.1  # lr x0.1 at each step (mmdet's 1x schedule: epochs 8 and 11)
 
 CUSTOM_KEYS = {"backbone": {"lr_mult": 0.1}, "text_encoder": {"lr_mult": 0.0}, "norm": {"decay_mult": 0.0}}
 
@@ -43,4 +46,14 @@ def lr_at(it: int, base_lr: float, max_iters: int, warmup_iters: int, min_lr: fl
     lr = (base_lr - min_lr) * (1 - it / max_iters) ** POLY_POWER + min_lr
     if it < warmup_iters:
         lr *= 1 - (1 - it / warmup_iters) * (1 - WARMUP_RATIO)
+    return lr
+
+
+def step_lr_at(it: int, base_lr: float, steps, warmup_iters: int, warmup_ratio: float = STEP_WARMUP_RATIO) -> float:
+    """mmcv's StepLrUpdaterHook (lr x0.1 for each step in `steps` that `it` has reached) with linear warmup from
+    base x warmup_ratio, at the 0-based iteration `it`. mmdet steps by epoch; here `steps` are the first
+    iterations of those epochs (epoch x iterations per epoch), which gives the same lr at every iteration."""
+    lr = base_lr * STEP_GAMMA ** sum(it >= s for s in steps)
+    if it < warmup_iters:
+        lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
     return lr

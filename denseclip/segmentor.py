@@ -145,6 +145,8 @@ def seg_cross_entropy(logits, labels, ignore_index: int):
 class DenseCLIP(PixelTextMatching):
     """model(images) -> logits (B, K, H, W) at input size; model(images, labels) -> dict of losses."""
 
+    task = "segmentation"
+
     def __init__(self, cfg: DenseCLIPConfig, class_names: Sequence[str]):
         super().__init__()
         self.cfg = cfg

@@ -120,3 +120,49 @@ def denseclip_vitb16(K=150):
     return {**_prefix("backbone", clip_vit()), **_prefix("text_encoder", text_encoder(512)),
             **_prefix("context_decoder", context_decoder(512)), "contexts": (1, 8, 512), "gamma": (512,),
             **fpn_neck_and_head([768, 768, 768 + K, 768], K)}
+
+
+# ----------------------------------------------------------------------------- detection (mmdet 2.17)
+def mmdet_fpn(in_channels, out=256, start_level=1, num_outs=5, extra_on_input=True):
+    """mmdet FPN: ConvModule laterals / outputs (bias, no norm) for inputs start_level.., then the extra
+    stride-2 convs, the first on the last input when add_extra_convs='on_input'."""
+    k, used = {}, in_channels[start_level:]
+    for i, c in enumerate(used):
+        k.update({f"lateral_convs.{i}.conv.weight": (out, c, 1, 1), f"lateral_convs.{i}.conv.bias": (out,)})
+    for i in range(num_outs):
+        cin = in_channels[-1] if i == len(used) and extra_on_input else out
+        k.update({f"fpn_convs.{i}.conv.weight": (out, cin, 3, 3), f"fpn_convs.{i}.conv.bias": (out,)})
+    return _prefix("neck", k)
+
+
+def retina_head(K, channels=256, stacked_convs=4, num_anchors=9):
+    """mmdet RetinaHead: cls_convs / reg_convs (ConvModule, bias, ReLU), retina_cls (A*K), retina_reg (A*4)."""
+    k = {}
+    for branch in ("cls_convs", "reg_convs"):
+        for i in range(stacked_convs):
+            k.update({f"{branch}.{i}.conv.weight": (channels, channels, 3, 3), f"{branch}.{i}.conv.bias": (channels,)})
+    k.update({"retina_cls.weight": (num_anchors * K, channels, 3, 3), "retina_cls.bias": (num_anchors * K,),
+              "retina_reg.weight": (num_anchors * 4, channels, 3, 3), "retina_reg.bias": (num_anchors * 4,)})
+    return _prefix("bbox_head", k)
+
+
+def retinanet_denseclip_r50(K=80):
+    """DenseCLIP_RetinaNet: CLIPResNetWithAttention(input_resolution=1344: 42 x 42 grid), text encoder, contexts,
+    gamma, context decoder, FPN [256, 512, 1024, 2048 + K], RetinaHead."""
+    return {**_prefix("backbone", clip_resnet((3, 4, 6, 3), attnpool_dim=1024, grid=42)),
+            **_prefix("text_encoder", text_encoder(1024)),
+            **_prefix("context_decoder", context_decoder(1024)), "contexts": (1, 8, 512), "gamma": (1024,),
+            **mmdet_fpn([256, 512, 1024, 2048 + K]), **retina_head(K)}
+
+
+def retinanet_clip_r50(K=80):
+    """mmdet RetinaNet with CLIPResNet (no attention pool) and FPN [256, 512, 1024, 2048]."""
+    return {**_prefix("backbone", clip_resnet((3, 4, 6, 3))), **mmdet_fpn([256, 512, 1024, 2048]), **retina_head(K)}
+
+
+def retinanet_denseclip_tiny(K=3):
+    """The official layout at retinanet_denseclip_tiny's sizes (width 16, D 64, text width 128, 2 layers)."""
+    return {**_prefix("backbone", clip_resnet((1, 1, 1, 1), width=16, attnpool_dim=64, grid=7)),
+            **_prefix("text_encoder", text_encoder(64, width=128, layers=2)),
+            **_prefix("context_decoder", context_decoder(64, width=32, layers=1)), "contexts": (1, 8, 128),
+            "gamma": (64,), **mmdet_fpn([64, 128, 256, 512 + K], out=32), **retina_head(K, channels=32)}

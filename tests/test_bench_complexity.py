@@ -23,7 +23,7 @@ def test_main_on_tiny_configs(size, capsys):
     out = capsys.readouterr().out
     assert [r["config"] for r in rows] == ["denseclip_tiny", "fpn_tiny"]
     for r in rows:
-        assert r["config"] in out and r["size"] == size
+        assert r["config"] in out and r["size"] == (size, size)
         assert r["gflops"] > 0 and r["gflops"] == r["gflops_now"]  # no transposed convs in a ResNet
         model = complexity.build_model(r["config"])
         direct = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text_encoder."))
@@ -35,6 +35,23 @@ def test_main_on_tiny_configs(size, capsys):
     assert dense["modules"]["context_decoder"] > 0
     assert dense["by_operator"]["scaled_dot_product_attention"] > 0  # counted, not skipped
     assert dense["gflops"] > fpn["gflops"]
+
+
+def test_main_on_tiny_detectors(capsys):
+    rows = complexity.main(["--configs", "retinanet_denseclip_tiny", "retinanet_tiny", "--size", "96", "128"])
+    assert "96x128" in capsys.readouterr().out
+    dense, plain = rows
+    for r in rows:
+        model = complexity.build_model(r["config"])
+        direct = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text_encoder."))
+        assert r["size"] == (96, 128) and r["params_m"] == direct / 1e6
+        assert not [op for op in r["unsupported"] if any(w in op for w in PRODUCT_WORDS)], r["unsupported"]
+        assert r["modules"]["backbone"] > 0 and r["modules"]["neck"] > 0 and r["modules"]["head"] > 0
+    # the head on P3..P7: 4 + 4 3x3 convs of width 32 and the outputs for 9 anchors x (80 COCO classes + 4 deltas)
+    positions = sum(-(-96 // s) * -(-128 // s) for s in (8, 16, 32, 64, 128))
+    assert dense["modules"]["head"] * 1e9 == positions * 9 * 32 * (8 * 32 + 9 * 80 + 9 * 4)
+    assert dense["text_gflops"] > 0 and dense["modules"]["context_decoder"] > 0 and plain["text_gflops"] is None
+    assert dense["gflops"] > plain["gflops"]
 
 
 def test_flops_grow_with_input_area():
