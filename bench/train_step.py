@@ -118,6 +118,18 @@ def peak_memory_child(args):
     print(json.dumps({"mib": mib}))
 
 
+def eval_rows(args, device, B, f_img, row):
+    """Whole-image evaluation in fp32 and bf16, text features cached."""
+    model, x, _ = make(args.config, device, B, args.size)
+    model.eval()
+    with torch.no_grad():
+        model.text_features()  # fill the cache: evaluation does not run the text encoder
+        e32 = row("eval fp32 (text cached)", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            row("eval bf16", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B, torch.bfloat16,
+                base=e32)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +139,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow to compile on CPU)")
+    p.add_argument("--only-eval", action="store_true", help="only the two evaluation rows")
+    p.add_argument("--only-accumulation", action="store_true",
+                   help="only the baseline and the two 4-accumulation-step rows (text once per step or not)")
     p.add_argument("--memory-configs", nargs="*", default=["denseclip_r101", "denseclip_vitb16"])
     p.add_argument("--memory-size", type=int, default=256, help="crop for the memory rows (0: the config's own)")
     p.add_argument("--memory-batch", type=int, default=4, help="images for the memory rows (official: 4 per GPU)")
@@ -170,12 +185,15 @@ def main(argv=None):
     print(f"{'train step (1 micro-batch unless said)':46s} {'s/step':>9s} {'img/s':>9s} {'speed-up':>9s} "
           f"{'of peak':>7s}")
     train_macs = 3 * f_img * B + 2 * f_txt
+    if args.only_eval:
+        return eval_rows(args, device, B, f_img, row)
     model, x, y = make(args.config, device, B, args.size)
     step = train_step_fn(model, x, y, device)
     base = row("fp32 (baseline)", timed(step, device, args.iters, args.warmup), train_macs)
     step = train_step_fn(model, x, y, device, amp=torch.bfloat16)
-    row("bf16 autocast", timed(step, device, args.iters, args.warmup), train_macs, torch.bfloat16, base=base)
-    for optim in ("for-loop", "foreach", "fused"):
+    if not args.only_accumulation:
+        row("bf16 autocast", timed(step, device, args.iters, args.warmup), train_macs, torch.bfloat16, base=base)
+    for optim in () if args.only_accumulation else ("for-loop", "foreach", "fused"):
         step = train_step_fn(model, x, y, device, optim=optim)
         row(f"AdamW {optim}", timed(step, device, args.iters, args.warmup), train_macs, base=base)
     for text_once in (False, True):
@@ -185,6 +203,8 @@ def main(argv=None):
             timed(step, device, max(1, args.iters // 2), args.warmup), macs, images=4 * B,
             base=None if not text_once else rows[-1]["s"])
     del model
+    if args.only_accumulation:
+        return rows
     m2, x2, y2 = make(args.config, device, B, args.size, channels_last=True)
     step = train_step_fn(m2, x2, y2, device)
     row("channels_last", timed(step, device, args.iters, args.warmup), train_macs, base=base)
@@ -212,14 +232,7 @@ def main(argv=None):
         row("torch.compile(model)", timed(cstep, device, args.iters, args.warmup), train_macs, base=base)
         del m4, compiled
 
-    model, x, _ = make(args.config, device, B, args.size)
-    model.eval()
-    with torch.no_grad():
-        model.text_features()  # fill the cache: evaluation does not run the text encoder
-        e32 = row("eval fp32 (text cached)", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            row("eval bf16", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B, torch.bfloat16,
-                base=e32)
+    eval_rows(args, device, B, f_img, row)
 
     if args.memory_configs:
         print("\npeak memory of one train step, MiB (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
