@@ -27,6 +27,8 @@ from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS, task_of
 from denseclip.distributed import init_distributed, print0
 from denseclip.engine import AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, saved_train_args
+from denseclip.errors import ConfigError, run_main
+from denseclip.preflight import check_data
 
 
 def parse_args(argv=None):
@@ -47,13 +49,18 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    saved = saved_train_args(p.parse_args(argv).checkpoint)
+    given = p.parse_args(argv)
+    saved = saved_train_args(given.checkpoint)
     # Our checkpoints remember how they were trained: the data and model options default to those values.
     inherit = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
                "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed",
                "train_ann", "train_images", "val_ann", "val_images"}
+    plain = {k: p.get_default(k) for k in inherit}
     p.set_defaults(**{k: v for k, v in saved.items() if k in inherit})
     args = p.parse_args(argv)
+    # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
+    args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in inherit - {"seed"} and
+                            getattr(given, k) == plain[k] and v != plain[k]}
     if args.model is None:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
@@ -65,11 +72,22 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
+    if args.from_checkpoint:
+        print0("options taken from the checkpoint: " + " ".join(
+            " ".join(f"--set {x}" for x in v) if k == "overrides" else
+            f"--{k.replace('_', '-')}" if v is True else
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in args.from_checkpoint.items()))
+    print0(check_data(args, splits=("val",)))
     dataset = build_dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
     model = build_model(args.model, dataset.class_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
-        raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained model")
+        raise ConfigError(f"{args.checkpoint} holds {report.kind} weights, not a trained model")
+    if args.val_size:
+        print0(f"note: a PARTIAL evaluation, the first {len(dataset)} validation images only (--val-size "
+               f"{args.val_size}{', from the checkpoint' if 'val_size' in args.from_checkpoint else ''}); "
+               "pass --val-size 0 for all")
     model.to(device)
     if task_of(args.model) == "detection":
         return evaluate_detector(args, model, dataset, device, rank, world)
@@ -81,7 +99,8 @@ def main(argv=None):
     res = cm.compute()
     if args.out and rank == 0:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "model": args.model, "mode": mode,
-                                              "ratios": args.ratios, "flip": args.flip, **res,
+                                              "ratios": args.ratios, "flip": args.flip, "images": len(dataset),
+                                              "val_size": args.val_size or None, **res,
                                               "class_names": list(dataset.class_names)}, indent=1))
     if world > 1:
         dist.destroy_process_group()
@@ -89,6 +108,9 @@ def main(argv=None):
 
 
 def evaluate_detector(args, model, dataset, device, rank, world):
+    if args.mode or args.flip or args.show_dir or args.ratios != [1.0]:
+        raise SystemExit("--mode, --ratios, --flip, --aug-test and --show-dir are segmentation options; a detector "
+                         "is tested at its config's min_size/max_size")
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images, {world} process(es)")
     evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers)
     res = evaluator.compute()
@@ -102,4 +124,4 @@ def evaluate_detector(args, model, dataset, device, rank, world):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

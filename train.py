@@ -29,14 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from denseclip import build_model
 from denseclip.activation_checkpoint import checkpoint_activations
-from denseclip.checkpoint import load_checkpoint
+from denseclip.checkpoint import load_checkpoint, load_file
 from denseclip.coco import STAT_NAMES
 from denseclip.configs import CONFIGS, task_of
 from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
 from denseclip.engine import (add_data_args, autocast, build_dataset, config_overrides, evaluate, latest_checkpoint,
-                              rng_state, save_checkpoint, set_rng_state, to_device, train_batches)
+                              prune_checkpoints, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
+                              to_device, train_batches)
+from denseclip.errors import ConfigError, require_file, run_main
 from denseclip.language import PixelTextMatching
 from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
+from denseclip.preflight import check_data
 
 # Options left unset take these values. ADE20K and user folders: the official 80k schedule at global batch 32
 # (4 images x 8 GPUs). Procedural: a CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from
@@ -114,6 +117,7 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", help="initial weights: OpenAI CLIP .pt (pretrained/RN50.pt) or a checkpoint")
     g.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--save-interval", type=int, help="checkpoint every N steps (and always at the end)")
+    g.add_argument("--keep", type=int, default=0, help="keep only the N latest checkpoints (default 0: all)")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
@@ -131,18 +135,22 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume != "auto":
+        require_file(args.resume, "--resume", "checkpoint")  # before anything is built
+    require_file(args.pretrained, "--pretrained", "weights file")
+    for name in ("iters", "batch_size", "log_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     rank, world, device = init_distributed(args.device)
     if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA (its GradScaler guards fp16 gradients on GPUs); on CPU use bf16")
+        raise ConfigError("--amp fp16 needs CUDA (its GradScaler guards fp16 gradients on GPUs); on CPU use bf16")
     if args.global_batch is None:
         args.global_batch = args.batch_size * world
     accum, rem = divmod(args.global_batch, args.batch_size * world)
     if rem or accum == 0:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+        raise ConfigError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
                          f"{world} process(es) = {args.batch_size * world}; pick values that divide")
     out_dir = Path(args.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     detection = task_of(args.model) == "detection"
     # Fixed crop sizes: let cuDNN pick its fastest kernels (as mmseg); detection images differ in size (as mmdet).
     torch.backends.cudnn.benchmark = not detection
@@ -150,6 +158,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     cfg = replace(CONFIGS[args.model](), **overrides)
+    crop = args.crop_size or cfg.input_resolution
+    if cfg.backbone == "vit" and crop % cfg.patch_size:
+        raise ConfigError(f"--crop-size {crop} is not a multiple of the ViT patch size {cfg.patch_size}")
+    print0(check_data(args, args.batch_size * world))  # every data problem, before anything is trained
     train_set, val_set = build_dataset(args, "train", cfg), build_dataset(args, "val", cfg)
     if detection:  # mmdet counts in epochs: one is len(train) // global batch optimiser steps here
         per_epoch = max(len(train_set) // args.global_batch, 1)
@@ -177,13 +189,19 @@ def main(argv=None):
     start_iter, epoch, seen = 0, 0, 0
     resume = latest_checkpoint(out_dir) if args.resume == "auto" else args.resume
     if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        model_without_ddp.load_state_dict(ckpt["model"])
+        ckpt = load_file(resume)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "iter"} <= set(ckpt):
+            raise ConfigError(f"--resume {resume} is not a train.py checkpoint (no optimizer / iteration state); "
+                              "to start from its weights use --pretrained")
+        if ckpt.get("args", {}).get("model", args.model) != args.model:
+            raise ConfigError(f"--resume {resume} was trained with --model {ckpt['args']['model']}, this run is "
+                              f"--model {args.model}: pass --model {ckpt['args']['model']} or another --out-dir")
+        load_checkpoint(model_without_ddp, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_iter, epoch, seen = ckpt["iter"], ckpt["data"]["epoch"], ckpt["data"]["seen"]
         if seen % (args.batch_size * world):
-            raise SystemExit(f"{resume} stopped {seen} samples into an epoch: not a whole number of micro-batches "
+            raise ConfigError(f"{resume} stopped {seen} samples into an epoch: not a whole number of micro-batches "
                              f"of {args.batch_size} x {world}")
         print0(f"resumed from {resume} at iteration {start_iter} (epoch {epoch}, sample {seen})")
     elif args.resume == "auto":
@@ -209,6 +227,8 @@ def main(argv=None):
            f"{[(g['name'], len(g['params'])) for g in optimizer.param_groups]}; {len(train_set)} train / "
            f"{len(val_set)} val {args.dataset} images; {world} process(es) x {args.batch_size} images x {accum} "
            f"accumulation = global batch {args.global_batch}; {args.iters} iterations on {device}")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers)
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
 
@@ -243,6 +263,7 @@ def main(argv=None):
         lr = lr_of(it, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_of(it, group["initial_lr"])
+        step_losses = {}
         with contextlib.ExitStack() as text_once:
             for m in matchers:
                 text_once.enter_context(m.text_once_per_step(all_reduce=world > 1))
@@ -257,7 +278,10 @@ def main(argv=None):
                     loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
                     scaler.scale(loss).backward()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+                    step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / accum
+        stop_if_not_finite(step_losses, it + 1, world, out_dir)  # before the update: the last checkpoint stays good
+        for k, v in step_losses.items():
+            sums[k] = sums.get(k, 0.0) + v
         if args.clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
@@ -289,6 +313,7 @@ def main(argv=None):
                                  "scaler": scaler.state_dict(), "iter": step, "data": {"epoch": epoch, "seen": seen},
                                  "rng": states, "args": vars(args), "class_names": list(train_set.class_names)},
                                 out_dir / f"iter_{step:06d}.pt")
+                prune_checkpoints(out_dir, args.keep)
         if args.eval_interval and step % args.eval_interval == 0 and step != args.iters:
             run_eval(step)
 
@@ -306,4 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

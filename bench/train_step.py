@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from denseclip.activation_checkpoint import checkpoint_activations  # noqa: E402
+from denseclip.data import ADE20K_CLASSES  # noqa: E402
 from denseclip.segmentor import build_model  # noqa: E402
 
-NAMES = ["wall", "floor", "sky", "tree", "person"] * 30  # 150 classes, ADE20K's count
+NAMES = list(ADE20K_CLASSES)  # 150 classes
 
 
 def sync(device):

@@ -14,7 +14,12 @@
   model has no place for (e.g. the attention pool for a plain-FPN baseline) are reported as unused;
 - a torchvision ImageNet ResNet state dict: initialises the any-backbone variant's ResNet.
 Files are read with `torch.load(weights_only=True)`, or as TorchScript archives, which run no pickle code.
+A file that cannot be read says why: missing, empty, truncated, not a PyTorch file at all, or refused by the safe
+loader (with how to convert a file one trusts); a checkpoint of another architecture names the config it was
+trained with when the file records it.
 """
+import os
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -24,9 +29,11 @@ import torch
 from torch import nn
 
 from .clip import read_openai_state_dict, resize_pos_embed
+from .errors import MissingFileError, UserError
+from .language import decode_names
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -46,39 +53,92 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _is_torchscript(path: str) -> bool:
+def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(name.endswith("constants.pkl") for name in z.namelist())
 
 
+def load_file(path: str):
+    """torch.load(weights_only=True) with an error that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the copy or the save that wrote it failed")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged (an incomplete zip archive, "
+                              f"{os.path.getsize(path)} bytes): copy or download it again")
+    if not head.startswith((b"PK", b"\x80")):  # neither a zip archive nor a pickle (legacy torch.save)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes {head!r}); "
+                              "expected a .pt/.pth file written by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        raise CheckpointError(
+            f"{path} was refused by the safe loader (torch.load weights_only=True): it holds Python objects "
+            f"beyond tensors and plain data, and unpickling them could run code from the file. {why}\n"
+            f"If you trust the file, convert it once to plain tensors:\n  python -c \"import torch; "
+            f"c = torch.load('{path}', weights_only=False); "
+            f"torch.save({{'state_dict': c.get('state_dict', c.get('model', c))}}, '{path}.plain.pth')\"") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else 'unexpected end'}): copy or download it "
+                              "again") from None
+
+
+def read_checkpoint(path: str):
+    """(tensors, the whole file object) of a checkpoint file; the tensors unwrapped from {"model"|"state_dict": ...}
+    and DDP's "module."."""
+    if is_torchscript(path):
+        return read_openai_state_dict(path), {}
+    obj = load_file(path)
+    sd = obj
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} holds no state dict (expected tensors by name, or {{'model'|'state_dict': "
+                              "...}}); is it a checkpoint of a model?")
+    return {k.removeprefix("module."): v for k, v in sd.items()}, obj if isinstance(obj, dict) else {}
+
+
 def read_state_dict(path: str) -> dict:
     """The tensors of a checkpoint file, unwrapped from {"model"|"state_dict": ...} and DDP's "module."."""
-    if _is_torchscript(path):
-        return read_openai_state_dict(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read_checkpoint(path)[0]
 
 
-def _check_shapes(model_sd: dict, sd: dict):
+def _trained_with(meta: dict) -> str:
+    """'; the file was trained with --model NAME' when it says (train.py checkpoints record their arguments)."""
+    name = meta.get("args", {}).get("model") if isinstance(meta.get("args"), dict) else None
+    return f"; the file was trained with --model {name}" if name else ""
+
+
+def _few(keys, n=8) -> str:
+    """The first n keys as a list, and how many more (another architecture differs in hundreds)."""
+    return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''}"
+
+
+def _check_shapes(model_sd: dict, sd: dict, hint: str = ""):
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
            for k, v in sd.items() if k in model_sd and v.shape != model_sd[k].shape]
     if bad:
-        raise CheckpointError("shape mismatch:\n  " + "\n  ".join(bad))
+        raise CheckpointError("shape mismatch:\n  " + "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "") +
+                              hint)
 
 
-def _load_whole(model: nn.Module, sd: dict) -> LoadReport:
-    model_sd = model.state_dict()
+def _load_whole(model: nn.Module, sd: dict, meta: dict = None) -> LoadReport:
+    model_sd, hint = model.state_dict(), _trained_with(meta or {})
     missing = sorted(set(model_sd) - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-    _check_shapes(model_sd, sd)
+        raise CheckpointError(f"checkpoint does not match the model (another architecture?): missing {_few(missing)}, "
+                              f"unexpected {_few(unexpected)}{hint}")
+    _check_shapes(model_sd, sd, hint)
     model.load_state_dict(sd, strict=True)
     return LoadReport("model", loaded=sorted(sd))
 
@@ -148,7 +208,10 @@ def mmdet_retina_head_to_ours(sd: dict) -> dict:
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> LoadReport:
     """Load weights into `model` (a segmentor or detector); see the module docstring. Returns a report."""
-    sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_state_dict(path_or_state_dict)
+    if isinstance(path_or_state_dict, dict):
+        sd, meta = path_or_state_dict, {}
+    else:
+        sd, meta = read_checkpoint(path_or_state_dict)
     if "token_embedding.weight" in sd or "visual.conv1.weight" in sd:
         new = ("backbone.fpn",) if model.cfg.backbone == "vit" else ()
         sd, file_names = clip_to_segmentor(sd, model)
@@ -163,6 +226,13 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
                              file_names)
     if any(k.startswith("bbox_head.") for k in sd):  # official mmdet RetinaNet
         sd = mmdet_retina_head_to_ours(sd)
-    if "text_embeddings" in sd and hasattr(model, "text_encoder"):  # saved after drop_text_encoder()
-        model.drop_text_encoder()
-    return _load_whole(model, sd)
+    if "text_embeddings" in sd:  # saved after drop_text_encoder(): the text features hold its classes
+        saved = decode_names(sd["text_class_names"]) if "text_class_names" in sd else None
+        if saved is not None and saved != list(model.class_names):
+            raise CheckpointError(f"this export without text encoder was made for the classes {saved[:10]}"
+                                  f"{' ...' if len(saved) > 10 else ''} ({len(saved)}); the model was built with "
+                                  f"{list(model.class_names)[:10]} ({model.num_classes}): its text features cannot "
+                                  "change, so build the model with the export's class names")
+        if hasattr(model, "text_encoder"):
+            model.drop_text_encoder()
+    return _load_whole(model, sd, meta)

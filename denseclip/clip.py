@@ -301,6 +301,9 @@ class VisionTransformer(nn.Module):
             self.fpn4 = nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2, stride=2))
 
     def _tokens(self, x):
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:  # the conv would drop the remainder
+            raise ValueError(f"ViT input {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size};"
+                             " pad it first")
         x = self.conv1(x)  # (B, C, H, W)
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)

@@ -4,10 +4,14 @@ One dataclass per model family (`DenseCLIPConfig`: segmentation; `DetectionConfi
 per field; each named config is a plain function returning one. No
 registry and no `_base_` inheritance: what a name builds is written out below. Overrides go
 through `dataclasses.replace`, so an unknown field is an error rather than a silent no-op (the
-official configs carry keys such as `style='pytorch'` or `outdim=` that nothing reads).
+official configs carry keys such as `style='pytorch'` or `outdim=` that nothing reads), and
+`check_config` (called when a model is built) refuses values of the wrong type, outside a field's
+fixed set, or that some other field would silently ignore.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Tuple, Union, get_args, get_origin
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -195,6 +199,101 @@ def retinanet_denseclip_tiny():
 
 def retinanet_tiny():
     return _detection_baseline(retinanet_denseclip_tiny())
+
+# Fields with a fixed set of values, per config family.
+CHOICES = {
+    "backbone": ("resnet", "vit", "torchvision_resnet50"),
+    "prompting": ("post", "pre", "none"),
+    "test_mode": ("slide", "whole"),
+}
+DETECTION_CHOICES = {
+    "backbone": ("resnet",),
+    "prompting": ("post", "pre", "none"),
+    "fpn_add_extra_convs": ("", "on_input", "on_lateral", "on_output"),
+}
+
+
+def _has_type(value, tp) -> bool:
+    if get_origin(tp) is Union:
+        return any(_has_type(value, t) for t in get_args(tp))
+    if get_origin(tp) is tuple:  # Tuple[int, ...]
+        return isinstance(value, (tuple, list)) and all(_has_type(v, get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_config(cfg):
+    """Refuse a config (DenseCLIPConfig or DetectionConfig) that would build something other than what it says: a
+    wrong type, a value outside a field's fixed set, or a combination in which one field is silently ignored. The
+    error names the field."""
+    seg = isinstance(cfg, DenseCLIPConfig)
+    def bad(name, why):
+        return ConfigError(f"config field {name}={getattr(cfg, name)!r}: {why} (set it with --set {name}=VALUE or "
+                           f"build_model(..., {name}=VALUE))")
+
+    for f in fields(cfg):
+        if not _has_type(getattr(cfg, f.name), f.type):
+            raise bad(f.name, f"expected a value of type {getattr(f.type, '__name__', f.type)}")
+    for name, allowed in (CHOICES if seg else DETECTION_CHOICES).items():
+        if getattr(cfg, name) not in allowed:
+            raise bad(name, f"must be one of {', '.join(map(repr, allowed))}")
+    if cfg.backbone == "resnet" and len(cfg.vision_layers if isinstance(cfg.vision_layers, (tuple, list)) else ()) != 4:
+        raise bad("vision_layers", "a ResNet needs four stage depths, e.g. (3, 4, 6, 3)")
+    if cfg.backbone == "vit" and not isinstance(cfg.vision_layers, int):
+        raise bad("vision_layers", "a ViT needs its depth as one number, e.g. 12")
+    if seg and cfg.backbone == "vit" and cfg.patch_size != 16:
+        raise bad("patch_size", "the DenseCLIP ViT pyramid (strides 4..32) is defined for patch size 16")
+    stride = cfg.patch_size if seg and cfg.backbone == "vit" else 32
+    if cfg.input_resolution <= 0 or cfg.input_resolution % stride:
+        raise bad("input_resolution", f"must be a positive multiple of {stride} (the {cfg.backbone} grid)")
+    if cfg.use_text and cfg.embed_dim is None:
+        raise bad("embed_dim", "the text side needs the joint dimension; use_text=False for the plain-FPN baseline")
+    if not cfg.use_text and cfg.prompting != "none":
+        raise bad("prompting", "use_text=False has no text to prompt: set prompting=none")
+    if cfg.prompting == "pre" and cfg.backbone == "torchvision_resnet50" and cfg.embed_dim is None:
+        raise bad("embed_dim", "pre-model prompting needs the attention pool")
+    if seg and not 0 <= cfg.score_concat_index <= 3:
+        raise bad("score_concat_index", "must be a pyramid level 0..3")
+    if cfg.class_token_length < 3:
+        raise bad("class_token_length", "needs start + at least one name token + end = 3 or more")
+    for name in ("num_contexts", "vision_width", "vision_heads", "text_width", "text_heads", "text_layers",
+                 "decoder_width", "decoder_heads", "decoder_layers", "neck_channels", "head_channels", "test_crop",
+                 "test_stride", "min_size", "max_size"):
+        if hasattr(cfg, name) and getattr(cfg, name) < (0 if name == "num_contexts" else 1):
+            raise bad(name, "must be positive")
+    if seg and cfg.test_stride > cfg.test_crop:
+        raise bad("test_stride", f"a stride larger than test_crop={cfg.test_crop} leaves pixels unpredicted")
+    for name in ("drop_path_rate", "decoder_dropout", "head_dropout"):
+        if hasattr(cfg, name) and not 0 <= getattr(cfg, name) < 1:
+            raise bad(name, "a dropout rate must be in [0, 1)")
+    if cfg.tau <= 0:
+        raise bad("tau", "the temperature must be positive")
+    return cfg
+
+
+def check_class_names(class_names: Sequence[str]) -> list:
+    """The names as a list; none may be empty or repeated (after stripping spaces), and one is needed at least."""
+    names = [str(n) for n in class_names]
+    if not names:
+        raise ConfigError("class_names is empty: at least one class is needed")
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        raise ConfigError(f"class name(s) at position {empty[:10]} are empty; every class needs a name "
+                          "(the text encoder reads it)")
+    seen, dup = set(), []
+    for n in names:
+        if n.strip() in seen and n.strip() not in dup:
+            dup.append(n.strip())
+        seen.add(n.strip())
+    if dup:
+        raise ConfigError(f"class names {dup[:10]} appear more than once; each class needs its own name")
+    return names
+
 
 
 CONFIGS = {f.__name__: f for f in (denseclip_r50, denseclip_r101, denseclip_vitb16, fpn_clip_r50, fpn_clip_r101,

@@ -18,8 +18,10 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+from .configs import check_class_names
+from .errors import DataError, MissingFileError
 from .transforms import IGNORE_INDEX, TestTransform, TrainTransform, normalize
 
 # mmseg's ADE20KDataset.CLASSES, verbatim: 'bed ' really has a trailing space there (the text side strips names).
@@ -50,32 +52,68 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 # ---------------------------------------------------------------------------------------- files on disk
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held (1 = upright, 5..8 = quarter turns)
+
+
+def oriented_size(im: Image.Image) -> Tuple[int, int]:
+    """(width, height) of an opened, not decoded, image once turned upright; only the header is read."""
+    w, h = im.size
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1) if "exif" in im.info else 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB; a file that cannot be decoded is an error naming it, never a skipped sample."""
+    """uint8 (H, W, 3) RGB, as mmseg's loader (OpenCV's IMREAD_COLOR) reads it: turned upright by the EXIF
+    orientation, grey and palette images expanded to RGB, alpha dropped, 16-bit values cut to their high byte.
+    A file that cannot be decoded is an error naming it, never a skipped sample."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: OpenCV keeps the high byte (>> 8)
+                grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     except (OSError, ValueError, SyntaxError) as e:
-        raise RuntimeError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}; replace or remove the file "
+                        "(python -m denseclip.preflight --check-data full lists every such file)") from e
 
 
 def read_label(path: Path, reduce_zero_label: bool, num_classes: int) -> np.ndarray:
-    """Class-index map (H, W); with reduce_zero_label 0 -> 255 and k -> k-1 (mmseg's uint8 arithmetic)."""
+    """Class-index map (H, W) as stored (no EXIF turn: mmseg reads labels 'unchanged'); with reduce_zero_label
+    0 -> 255 and k -> k-1 (mmseg's uint8 arithmetic)."""
     try:
         with Image.open(path) as im:
-            label = np.asarray(im)  # palette ('P') and grey PNGs both give the stored indices
+            label = np.asarray(im)  # palette ('P'), grey and 16-bit PNGs all give the stored indices
     except (OSError, ValueError, SyntaxError) as e:
-        raise RuntimeError(f"cannot read label {path}: {e}") from e
+        raise DataError(f"cannot read label {path}: {e}; replace or remove the file") from e
     if label.ndim != 2:
-        raise ValueError(f"label {path} has shape {label.shape}; expected a single-channel (H, W) class-index PNG")
+        raise DataError(f"label {path} has shape {label.shape}; expected a single-channel (H, W) class-index PNG "
+                        "(grey or palette), not a colour picture")
     label = label.astype(np.int64)
     if reduce_zero_label:
         label = np.where((label == 0) | (label == 255), 255, label - 1)
     bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
     if bad.any():
-        raise ValueError(f"label {path} has values {np.unique(label[bad])[:10].tolist()} outside 0..{num_classes - 1}"
-                         f" and {IGNORE_INDEX} (ignore); check class_names and reduce_zero_label")
+        raise DataError(f"label {path} has values {np.unique(label[bad])[:10].tolist()} outside 0..{num_classes - 1}"
+                        f" and {IGNORE_INDEX} (ignore); check the class names and --reduce-zero-label")
     return label.astype(np.uint8)
+
+
+def find_pairs(img_dir: Path, ann_dir: Path, img_suffix: str, seg_suffix: str):
+    """Match images and labels by relative path and stem. Returns (pairs [(image, label)], images without a
+    label, labels without an image), each sorted; every file with the suffix is accounted for."""
+    images = sorted(p.relative_to(img_dir).as_posix() for p in img_dir.rglob(f"*{img_suffix}") if p.is_file())
+    labels = {p.relative_to(ann_dir).as_posix() for p in ann_dir.rglob(f"*{seg_suffix}") if p.is_file()} \
+        if ann_dir.is_dir() else set()
+    pairs, no_label = [], []
+    for rel in images:
+        ann = rel[: -len(img_suffix)] + seg_suffix
+        if ann in labels:
+            pairs.append((img_dir / rel, ann_dir / ann))
+            labels.discard(ann)
+        else:
+            no_label.append(img_dir / rel)
+    return pairs, no_label, sorted(ann_dir / rel for rel in labels)
 
 
 def read_class_names(class_names: Union[Sequence[str], str, Path]) -> list:
@@ -83,11 +121,9 @@ def read_class_names(class_names: Union[Sequence[str], str, Path]) -> list:
     if isinstance(class_names, (str, Path)):
         path = Path(class_names)
         if not path.is_file():
-            raise FileNotFoundError(f"class-name file {path} not found (expected one class name per line)")
+            raise MissingFileError(f"class-name file {path} not found (expected one class name per line)")
         class_names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not class_names:
-        raise ValueError("class_names is empty: at least one class is needed")
-    return list(class_names)
+    return check_class_names(class_names)
 
 
 class FolderSegmentation(torch.utils.data.Dataset):
@@ -102,17 +138,15 @@ class FolderSegmentation(torch.utils.data.Dataset):
         self.transform = transform if transform is not None else TestTransform()
         self.reduce_zero_label, self.seed, self.epoch = reduce_zero_label, seed, 0
         if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"image folder {self.img_dir} does not exist; see data/README.md for the layout")
-        images = sorted(p.relative_to(self.img_dir).as_posix() for p in self.img_dir.rglob(f"*{img_suffix}"))
-        if not images:
-            raise FileNotFoundError(f"no '*{img_suffix}' images found under {self.img_dir}; "
-                                    "see data/README.md for the expected layout")
-        self.samples = []
-        for rel in images:
-            ann = self.ann_dir / (rel[: -len(img_suffix)] + seg_suffix)
-            if not ann.is_file():
-                raise FileNotFoundError(f"no annotation for image {self.img_dir / rel}: expected {ann}")
-            self.samples.append((self.img_dir / rel, ann))
+            raise MissingFileError(f"image folder {self.img_dir} does not exist; see data/README.md for the layout")
+        self.samples, no_label, _ = find_pairs(self.img_dir, self.ann_dir, img_suffix, seg_suffix)
+        if no_label:
+            raise MissingFileError(f"{len(no_label)} image(s) without an annotation in {self.ann_dir}, e.g. "
+                                   f"{no_label[0]} (expected its label {self.ann_dir}/<same stem>{seg_suffix}); "
+                                   "python -m denseclip.preflight lists them all")
+        if not self.samples:
+            raise MissingFileError(f"no '*{img_suffix}' images found under {self.img_dir}; "
+                                   "see data/README.md for the expected layout")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -125,7 +159,7 @@ class FolderSegmentation(torch.utils.data.Dataset):
         image = read_image(img_path)
         label = read_label(ann_path, self.reduce_zero_label, len(self.class_names))
         if image.shape[:2] != label.shape:
-            raise ValueError(f"image {img_path} is {image.shape[:2]} but its label {ann_path} is {label.shape}")
+            raise DataError(f"image {img_path} is {image.shape[:2]} but its label {ann_path} is {label.shape}")
         return self.transform(image, label, sample_rng(self.seed, self.epoch, index))
 
 

@@ -29,7 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .clip import ModifiedResNet
-from .configs import CONFIGS, DetectionConfig
+from .configs import CONFIGS, DetectionConfig, check_config
 from .language import PixelTextMatching
 from .transforms import CLIP_MEAN, CLIP_STD
 
@@ -158,6 +158,7 @@ class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
     task = "detection"
 
     def __init__(self, cfg: DetectionConfig, class_names: Sequence[str]):
+        check_config(cfg)  # types and fixed value sets, named in the error
         if cfg.backbone != "resnet":
             raise ValueError(f"detection supports the CLIP ResNet backbone only, not {cfg.backbone!r}")
         padded = math.ceil(cfg.max_size / cfg.size_divisible) * cfg.size_divisible

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from PIL import Image
 
 from . import coco, data, transforms
+from .checkpoint import is_torchscript, load_file
 from .configs import DenseCLIPConfig, task_of
+from .errors import ConfigError, MissingFileError, TrainingError
 from .metrics import ConfusionMatrix
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
@@ -33,7 +35,7 @@ def autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; on CPU use --amp bf16")
+        raise ConfigError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
@@ -67,6 +69,9 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--train-size", type=int, help="procedural: training images per epoch (default: segmentation 20000, "
                                                   "detection 2000)")
     g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
+    g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
+                   help="pre-flight before the first step: quick (default: pairs, sizes from headers, validation "
+                        "labels decoded), full (decode every file, in parallel), off")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
 
@@ -78,12 +83,50 @@ def config_overrides(items, config_type=DenseCLIPConfig) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
         try:
             out[key] = ast.literal_eval(value)  # numbers, tuples, True/False/None
         except (ValueError, SyntaxError):
             out[key] = value  # a bare word is a string
     return out
+
+
+def class_names_arg(value: str) -> list:
+    """--class-names: a text file (one name per line) or 'cat,dog,sky'. A value that looks like a path (a folder
+    separator or a file extension, no comma) but names no file is a missing file, not a one-class list."""
+    path = Path(value)
+    if path.is_file():
+        return data.read_class_names(path)
+    if "," not in value and ("/" in value or os.sep in value or path.suffix in (".txt", ".names", ".csv", ".json")):
+        raise MissingFileError(f"--class-names {value}: no such file (give a text file with one class name per "
+                               "line, or the names themselves: 'cat,dog,sky')")
+    return data.check_class_names(value.split(","))
+
+
+def split_files(args, split: str):
+    """(image folder, label folder, image suffix, label suffix, reduce_zero_label) of the train or val split of
+    a file dataset (ade20k, folder); None for the procedural one."""
+    train = split == "train"
+    if args.dataset == "procedural":
+        return None
+    if args.dataset == "ade20k":
+        root, sub = Path(args.data_root or "data/ade/ADEChallengeData2016"), "training" if train else "validation"
+        return root / "images" / sub, root / "annotations" / sub, ".jpg", ".png", True
+    if not args.data_root or not args.class_names:
+        raise ConfigError("--dataset folder needs --data-root and --class-names")
+    root, sub = Path(args.data_root), args.train_split if train else args.val_split
+    return root / args.img_dir / sub, root / args.ann_dir / sub, args.img_suffix, args.seg_suffix, \
+        args.reduce_zero_label
+
+
+def dataset_class_names(args) -> list:
+    if args.dataset == "procedural":
+        return list(data.SHAPE_CLASSES)
+    if args.dataset == "ade20k":
+        return list(data.ADE20K_CLASSES)
+    if not args.class_names:
+        raise ConfigError("--dataset folder needs --data-root and --class-names")
+    return class_names_arg(args.class_names)
 
 
 def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
@@ -93,7 +136,7 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
     n = None if train else args.val_size or None  # 0 or unset: all
     if args.dataset == "coco":
-        raise SystemExit(f"--dataset coco is detection data; {args.model} is a segmentation model")
+        raise ConfigError(f"--dataset coco is detection data; {args.model} is a segmentation model")
     if args.dataset == "procedural":
         return data.ProceduralShapes(split, size=crop, length=args.train_size if train else n, seed=args.seed)
     transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
@@ -102,12 +145,9 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
         dataset = data.ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
                               transform, seed=args.seed)
     else:
-        if not args.data_root or not args.class_names:
-            raise SystemExit("--dataset folder needs --data-root and --class-names")
-        names = args.class_names if Path(args.class_names).is_file() else args.class_names.split(",")
-        root, sub = Path(args.data_root), args.train_split if train else args.val_split
-        dataset = data.FolderSegmentation(root / args.img_dir / sub, root / args.ann_dir / sub, names, transform,
-                                          args.img_suffix, args.seg_suffix, args.reduce_zero_label, seed=args.seed)
+        img_dir, ann_dir, img_suffix, seg_suffix, reduce_zero = split_files(args, split)
+        dataset = data.FolderSegmentation(img_dir, ann_dir, dataset_class_names(args), transform, img_suffix,
+                                          seg_suffix, reduce_zero, seed=args.seed)
     dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
     return dataset
 
@@ -121,7 +161,7 @@ def build_detection_dataset(args, split: str, model_cfg):
         return coco.ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed)
     n = None if train else n
     if args.dataset != "coco":
-        raise SystemExit(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
+        raise ConfigError(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
                          "--dataset coco (COCO or a COCO-format json) or procedural")
     root = Path(args.data_root or "data/coco")
     ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
@@ -133,10 +173,14 @@ def build_detection_dataset(args, split: str, model_cfg):
 
 def saved_train_args(path: str) -> dict:
     """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint {path}: no such file")
     try:  # mmap: only the small pickle is read here, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, ValueError):
-        return {}  # not a zip-format plain checkpoint (TorchScript, legacy format): load_checkpoint will tell
+    except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError):
+        if is_torchscript(path):
+            return {}  # an OpenAI CLIP archive: load_checkpoint reads it
+        obj = load_file(path)  # a legacy-format file loads; a damaged or unsafe one raises, saying why
     return obj.get("args", {}) if isinstance(obj, dict) else {}
 
 
@@ -208,9 +252,31 @@ def save_checkpoint(obj: dict, path: Path):
     os.replace(tmp, path)
 
 
+def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
+    """Raise TrainingError, on every rank together, when a loss term of this step is NaN or infinite. Called before
+    the optimiser step, so no weight has been touched and the latest checkpoint is the last good one."""
+    bad = (~torch.isfinite(torch.stack([v.float() for v in losses.values()]))).any().float()
+    if world > 1:
+        dist.all_reduce(bad)  # one rank's NaN stops them all (the others would wait for it forever)
+    if bad.item():
+        last = latest_checkpoint(out_dir)
+        terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        kept = f"{last} is the last good checkpoint" if last else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite loss at iteration {step} ({terms}{' on this rank' if world > 1 else ''}); "
+                            f"stopped before the update: {kept}. Try a lower --lr, --clip-grad 1.0, --amp none (or "
+                            "bf16), or check the data with --check-data full")
+
+
 def latest_checkpoint(out_dir: Path):
-    paths = sorted(out_dir.glob("iter_*.pt"))
+    paths = sorted(out_dir.glob("iter_*.pt"))  # a half-written iter_*.pt.tmp (killed mid-save) never matches
     return paths[-1] if paths else None
+
+
+def prune_checkpoints(out_dir: Path, keep: int):
+    """--keep N: delete all but the N latest iter_*.pt (0: keep all)."""
+    if keep > 0:
+        for path in sorted(out_dir.glob("iter_*.pt"))[:-keep]:
+            path.unlink()
 
 
 # ------------------------------------------------------------------------------------------ evaluation

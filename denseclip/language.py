@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import TextEncoder
+from .configs import check_class_names
 from .prompting import ContextDecoder, PreModelPrompter
 from .tokenizer import tokenize
 
@@ -40,6 +41,15 @@ def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> t
     return torch.cat(rows)
 
 
+def encode_names(names: Sequence[str]) -> torch.Tensor:
+    """Class names as a uint8 tensor (UTF-8, one per line): state dicts hold tensors only."""
+    return torch.tensor(list("\n".join(names).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_names(t: torch.Tensor) -> list:
+    return bytes(t.tolist()).decode("utf-8").split("\n")
+
+
 class PixelTextMatching(nn.Module):
     """Base class of the DenseCLIP task models. `init_language(cfg, class_names)` builds the text side from the
     config fields use_text, class_token_length, num_contexts, text_*, vocab_size, embed_dim,
@@ -48,7 +58,7 @@ class PixelTextMatching(nn.Module):
     def init_language(self, cfg, class_names: Sequence[str]):
         if cfg.prompting not in ("post", "pre", "none"):
             raise ValueError(f"prompting must be 'post', 'pre' or 'none', not {cfg.prompting!r}")
-        self.class_names = [n.strip() for n in class_names]
+        self.class_names = [n.strip() for n in check_class_names(class_names)]
         self.num_classes = len(self.class_names)
         self._text_cache = None
         self._text_step = None  # inside text_once_per_step: {"text": graph output or None, "leaf": its copy}
@@ -135,13 +145,15 @@ class PixelTextMatching(nn.Module):
     def drop_text_encoder(self):
         """For deployment (official issue #40): the text features no longer change once trained, so keep
         them as a buffer `text_embeddings` (1, K, D) and delete the text encoder and the contexts (RN50:
-        -63M parameters). load_checkpoint calls this itself for checkpoints saved after it."""
+        -63M parameters). The class names go along (buffer `text_class_names`, see encode_names): the features
+        hold them for good. load_checkpoint calls this itself for checkpoints saved after it."""
         if self.cfg.prompting == "pre":
             raise ValueError("pre-model prompting runs the text encoder on every image; it cannot be dropped")
         if hasattr(self, "text_encoder"):
             was_training = self.training
             self.train(False)
             self.register_buffer("text_embeddings", self.text_encoder(self.texts, self.contexts).detach())
+            self.register_buffer("text_class_names", encode_names(self.class_names))
             del self.text_encoder, self.contexts, self.texts
             self.train(was_training)
         return self

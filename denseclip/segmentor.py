@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import AttentionPool2d, ModifiedResNet, VisionTransformer
-from .configs import CONFIGS, DenseCLIPConfig
+from .configs import CONFIGS, DenseCLIPConfig, check_config
+from .errors import ConfigError
 from .language import PixelTextMatching
 
 
@@ -149,7 +150,7 @@ class DenseCLIP(PixelTextMatching):
 
     def __init__(self, cfg: DenseCLIPConfig, class_names: Sequence[str]):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = check_config(cfg)
         self.backbone = build_backbone(cfg)
         self.init_language(cfg, class_names)  # text encoder, contexts, context decoder, gamma (language.py)
         K = self.num_classes
@@ -171,9 +172,16 @@ class DenseCLIP(PixelTextMatching):
         return self.decode_head(self.neck(feats)), score
 
     def forward(self, images, labels: Optional[torch.Tensor] = None):
+        H, W = images.shape[-2:]
+        patch = self.cfg.patch_size if self.cfg.backbone == "vit" else 1
+        if (H % patch or W % patch) and labels is not None:
+            raise ConfigError(f"training input {H}x{W} is not a multiple of the ViT patch size {patch}; "
+                              f"choose --crop-size as a multiple of {patch}")
+        if H % patch or W % patch:  # pad bottom/right with 0 (the normalised mean) instead of dropping pixels
+            images = F.pad(images, (0, -W % patch, 0, -H % patch))
         logits, score = self.forward_logits(images)
         if labels is None:
-            return resize(logits, images.shape[-2:])
+            return resize(logits, images.shape[-2:])[..., :H, :W]  # (B, K, H, W)
         size, cfg = labels.shape[-2:], self.cfg
         losses = {"loss_decode": seg_cross_entropy(resize(logits, size), labels, cfg.ignore_index)}
         if score is not None:  # the "identity head": the score map itself as a segmentation (s / τ)
@@ -206,8 +214,19 @@ class DenseCLIP(PixelTextMatching):
     @torch.no_grad()
     def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None):
         """Class probabilities (B, K, *out_size): softmax averaged over scale ratios and horizontal flips
-        (mmseg's aug test). Scales resize the given (already test-resized) batch by each ratio."""
+        (mmseg's aug test). Scales resize the given (already test-resized) batch by each ratio. Runs in eval
+        mode (dropout off, BatchNorm running statistics) whatever mode the model is in, and restores that mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._predict(images, out_size, ratios, flip, mode)
+        finally:
+            self.train(was_training)
+
+    def _predict(self, images, out_size, ratios, flip, mode):
         mode = mode or self.cfg.test_mode
+        if mode not in ("slide", "whole"):
+            raise ConfigError(f"test mode {mode!r}: expected 'slide' or 'whole'")
         out_size = tuple(out_size or images.shape[-2:])
         probs = 0.0
         for r in ratios:

@@ -4,11 +4,12 @@ import torch
 
 import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint
+from denseclip.data import ADE20K_CLASSES
 from denseclip.segmentor import build_model
 
 from peers import openai_clip, tiny_openai_clip
 
-NAMES = ["wall", "floor", "sky", "tree", "person"] * 30  # 150 classes, as the official ADE20K configs
+NAMES = list(ADE20K_CLASSES)  # 150 classes, as the official ADE20K configs
 
 
 def _random_state_dict(spec, seed=0):

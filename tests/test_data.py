@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from denseclip.data import ADE20K, ADE20K_CLASSES, FolderSegmentation, ProceduralShapes, sample_rng
+from denseclip.errors import DataError
 from denseclip.transforms import CLIP_MEAN, CLIP_STD, TestTransform, TrainTransform, normalize
 from denseclip.metrics import ConfusionMatrix
 
@@ -200,7 +201,7 @@ def test_unreadable_and_missing_files_are_named(ade_root, tmp_path):
     jpg = ade_root / "images/training/ADE_002.jpg"
     jpg.write_bytes(jpg.read_bytes()[:200])  # truncated JPEG
     ds = ADE20K(ade_root, "training")
-    with pytest.raises(RuntimeError, match="ADE_002.jpg"):
+    with pytest.raises(DataError, match="ADE_002.jpg"):
         ds[2]
     (ade_root / "annotations/training/ADE_001.png").unlink()
     with pytest.raises(FileNotFoundError, match="ADE_001"):

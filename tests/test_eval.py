@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 from denseclip import engine  # noqa: E402
 from denseclip.data import SHAPE_CLASSES, ProceduralShapes  # noqa: E402
+from denseclip.errors import ConfigError  # noqa: E402
 from denseclip.segmentor import build_model  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def test_distributed_eval_matches_one_process(model, tmp_path):
 def test_config_overrides():
     assert engine.config_overrides(["head_dropout=0", "test_mode=slide", "vision_layers=(1, 2)"]) == \
         {"head_dropout": 0, "test_mode": "slide", "vision_layers": (1, 2)}
-    with pytest.raises(SystemExit, match="head_dropuot"):
+    with pytest.raises(ConfigError, match="head_dropuot"):
         engine.config_overrides(["head_dropuot=0"])
 
 

@@ -19,6 +19,7 @@ import eval as evaluation  # noqa: E402  (repo-root scripts)
 import train  # noqa: E402
 from denseclip import optim  # noqa: E402
 from denseclip.data import SHAPE_CLASSES, render_shapes  # noqa: E402
+from denseclip.errors import ConfigError, DataError  # noqa: E402
 from denseclip.segmentor import build_model  # noqa: E402
 
 TINY = ["--crop-size", "64", "--batch-size", "2", "--log-interval", "1", "--eval-interval", "0", "--workers", "0",
@@ -107,7 +108,7 @@ def test_lr_schedule_values():
 
 
 def test_global_batch_must_divide(tmp_path):
-    with pytest.raises(SystemExit, match="not a multiple"):
+    with pytest.raises(ConfigError, match="not a multiple"):
         train.main(["--global-batch", "5", "--batch-size", "2", "--out-dir", str(tmp_path)])
 
 
@@ -134,7 +135,7 @@ def test_unreadable_sample_names_the_file(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
     bad = tmp_path / "data" / "images" / "training" / "sub" / "2.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(RuntimeError, match="2.jpg"):
+    with pytest.raises(DataError, match="2.jpg"):
         train.main([*TINY, *data, "--iters", "4", "--out-dir", str(tmp_path / "run")])
 
 

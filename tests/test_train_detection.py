@@ -94,3 +94,12 @@ def test_distributed_detection_eval_matches_one_process(tmp_path):
     torchrun("eval.py", [*common, "--out", str(tmp_path / "ddp.json")])
     assert json.loads((tmp_path / "ddp.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
     assert cocoeval_stats(tmp_path / "data" / "val.json", tmp_path / "ddp.json")[0] == one["AP"]
+
+
+def test_detection_recipe_is_the_default_for_detectors():
+    args = train.parse_args(["--model", "retinanet_denseclip_r50", "--dataset", "coco"])
+    assert (args.lr, args.weight_decay, args.backbone_lr_mult, args.clip_grad) == (1e-4, 1e-4, 0.1, 0.1)
+    assert (args.epochs, args.lr_steps, args.warmup_iters) == (12, [8, 11], 500)
+    assert (args.batch_size, args.global_batch, args.iters) == (2, 16, None)  # iters: 12 epochs of the data
+    seg = train.parse_args(["--model", "denseclip_r50", "--dataset", "ade20k"])
+    assert (seg.lr, seg.iters, seg.batch_size, seg.global_batch, seg.clip_grad) == (1e-4, 80000, 4, 32, None)

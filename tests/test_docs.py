@@ -1,0 +1,168 @@
+"""Docs that run: every command shown in README.md and data/README.md is executed here in a smoke form, so a
+documented flag, path or layout cannot drift from the code.
+
+SMOKE maps each documented command (whitespace-normalised, as written) to the arguments appended for its smoke run:
+the documented arguments themselves are parsed by the real script, and the appended ones (argparse: the last value
+wins) shrink it to a tiny model, a few images and one iteration. Scripts run in a project folder made by the
+`project` fixture with the documented layout: data/ade/ADEChallengeData2016 (tiny images, labels 0..150),
+data/mine (a folder dataset), pretrained/RN50.pt (a tiny OpenAI CLIP TorchScript archive), runs/r50/iter_080000.pt
+and denseclip_fpn_res50.pth (tiny checkpoints, ours and mmseg-style). torchrun commands run as one process
+(test_train.py runs torchrun itself); pip commands run as `pip install --dry-run --no-deps --no-index`.
+
+A new documented command fails test_every_documented_command_has_a_smoke_form until it gets a row here.
+"""
+import importlib
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from denseclip.data import SHAPE_CLASSES  # noqa: E402
+
+DOCS = ("README.md", "data/README.md")
+TINY = ["--model", "denseclip_tiny"]
+SHORT = ["--iters", "1", "--batch-size", "2", "--global-batch", "2", "--crop-size", "32", "--scale", "48", "32",
+         "--val-size", "2", "--eval-interval", "0", "--workers", "0", "--set", "test_mode=whole"]
+
+SMOKE = {
+    # README.md
+    "pip install -e .": [],
+    'pip install -e ".[dev]"': [],
+    "python train.py": [*SHORT, "--out-dir", "runs/smoke"],
+    "python -m pytest -q": ["--collect-only", "tests/test_metrics.py"],
+    "python train.py --model fpn_tiny": [*SHORT, "--out-dir", "runs/smoke"],
+    "python train.py --dataset ade20k --pretrained pretrained/RN50.pt": [*SHORT, "--out-dir", "runs/smoke"],
+    "torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt "
+    "--out-dir runs/r50": [*TINY, *SHORT],
+    "python eval.py runs/r50/iter_080000.pt --dataset ade20k --aug-test": ["--scale", "256", "128", "--workers", "0"],
+    "python eval.py denseclip_fpn_res50.pth --model denseclip_r50 --dataset ade20k": [*TINY, "--scale", "48", "32",
+                                                                                     "--val-size", "2", "--workers",
+                                                                                     "0"],
+    "python train.py --help": [],
+    "python bench/complexity.py": ["--configs", "denseclip_tiny", "--size", "64"],
+    "python bench/throughput.py --configs denseclip_tiny fpn_tiny --iters 2 --warmup 1": [
+        "--configs", "denseclip_tiny", "--iters", "1", "--warmup", "0", "--size", "64"],
+    "python train.py --iters 1000 --crop-size 96 --eval-interval 500 --val-size 100": [*SHORT, "--out-dir",
+                                                                                       "runs/smoke"],
+    "python bench/loader.py": ["--samples", "1", "--rounds", "1"],
+    "python bench/train_step.py": ["--config", "denseclip_tiny", "--size", "64", "--iters", "1", "--warmup", "0",
+                                   "--no-compile", "--memory-configs"],
+    # data/README.md
+    "python -m denseclip.preflight --dataset ade20k": [],
+    "python -m denseclip.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
+    "python train.py --dataset folder --data-root data/mine --class-names data/mine/names.txt --out-dir runs/mine":
+        SHORT,
+}
+
+COMMAND = r"(?:python|torchrun|pip)\s"
+
+
+def documented_commands():
+    """{command: file} for every shell command in the docs' code blocks and inline code."""
+    found = {}
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+            if lang in ("", "bash", "sh", "shell"):
+                for line in block.replace("\\\n", " ").splitlines():
+                    for part in re.sub(r"\s+#.*$", "", line).split("&&"):
+                        if re.match(COMMAND, part.strip()):
+                            found.setdefault(" ".join(part.split()), doc)
+        text = re.sub(r"```.*?```", "", text, flags=re.S)
+        for span in re.findall(r"`([^`\n]+)`", text):
+            if re.match(COMMAND, span):
+                found.setdefault(" ".join(span.split()), doc)
+    return found
+
+
+def test_every_documented_command_has_a_smoke_form():
+    documented = documented_commands()
+    missing = [f"{doc}: `{cmd}`" for cmd, doc in documented.items() if cmd not in SMOKE]
+    assert not missing, ("documented commands without a smoke form; add a row (command -> smoke arguments) to SMOKE "
+                         "in tests/test_docs.py:\n  " + "\n  ".join(missing))
+    stale = [cmd for cmd in SMOKE if cmd not in documented]
+    assert not stale, f"SMOKE rows for commands no longer documented (delete them): {stale}"
+
+
+def write_tree(root: Path, n_classes: int, zero_is_other: bool, sizes=((32, 24), (24, 32))):
+    rng = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"images/{split}/{i}.jpg")
+            label = rng.integers(0, n_classes + zero_is_other, (h, w), dtype=np.uint8)
+            Image.fromarray(label).save(root / f"annotations/{split}/{i}.png")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A working folder laid out as the docs describe, with tiny stand-ins for ADE20K and the weights."""
+    from peers import openai_clip, tiny_openai_clip
+
+    root = tmp_path_factory.mktemp("project")
+    write_tree(root / "data/ade/ADEChallengeData2016", 150, True)
+    write_tree(root / "data/mine", len(SHAPE_CLASSES), False)
+    (root / "data/mine/names.txt").write_text("\n".join(SHAPE_CLASSES) + "\n")
+    (root / "pretrained").mkdir()
+    torch.manual_seed(0)
+    example = (torch.randn(1, 3, 64, 64), openai_clip.tokenize(["a"]))  # the OpenAI file format, as distributed
+    torch.jit.trace(tiny_openai_clip(), example, check_trace=False).save(str(root / "pretrained/RN50.pt"))
+    out = root / "runs/r50"
+    train.main(["--dataset", "ade20k", "--data-root", str(root / "data/ade/ADEChallengeData2016"), *SHORT,
+                "--out-dir", str(out)])
+    ckpt = out / "iter_080000.pt"
+    shutil.move(out / "iter_000001.pt", ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["data_root"] = None  # as if trained in this folder (the default data/ade/ADEChallengeData2016)
+    torch.save(state, ckpt)
+    torch.save({"state_dict": state["model"], "meta": {"iter": 80000}}, root / "denseclip_fpn_res50.pth")
+    return root
+
+
+def script_main(path: str):
+    if path in ("train.py", "eval.py"):
+        return importlib.import_module(path[:-3]).main
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("command", sorted(SMOKE))
+def test_documented_command_runs(command, project, monkeypatch):
+    words, extra = shlex.split(command), SMOKE[command]
+    monkeypatch.chdir(project)
+    if words[0] == "pip":
+        out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
+                              "--no-index", *[w.replace(".", str(ROOT), 1) if w.startswith(".") else w
+                                              for w in words[2:]]], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "Would install denseclip" in out.stdout, out.stdout + out.stderr
+        return
+    if words[:3] == ["python", "-m", "pytest"]:
+        out = subprocess.run([sys.executable, *words[1:], *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:]
+        return
+    if words[0] == "torchrun":  # drop the launcher's options: one process here
+        words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
+    if words[1] == "-m":
+        main, argv = importlib.import_module(words[2]).main, words[3:]
+    else:
+        main, argv = script_main(words[1]), words[2:]
+    try:
+        main([*argv, *extra])
+    except SystemExit as e:  # --help
+        assert e.code == 0 and "--help" in argv
