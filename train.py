@@ -59,6 +59,11 @@ DEFAULTS = {
     "detection_procedural": dict(epochs=12, lr_steps=[8, 11], batch_size=8, global_batch=None, lr=1e-3,
                                  warmup_iters=50, backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=1000,
                                  save_interval=1000, workers=0),
+    # Mask R-CNN (maskrcnn_*) on procedural shapes: a step costs several RetinaNet steps on CPU (RPN, two RoI
+    # heads, mask targets), so a shorter run: 250 steps of 4 images at a constant lr after warmup (lr_steps
+    # beyond the end), evaluated once at the end.
+    "maskrcnn_procedural": dict(iters=250, epochs=1, lr_steps=[8, 11], batch_size=4, global_batch=None, lr=1e-3,
+                                warmup_iters=25, backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=0, workers=0),
 }
 
 EPILOG = """defaults (options left unset):
@@ -71,11 +76,14 @@ EPILOG = """defaults (options left unset):
       workers 2                                                                   (mmdet's 1x recipe)
   detection, --dataset procedural: epochs 12 of 2000 images (3000 iterations), lr-steps 8 11, batch-size 8,
       lr 1e-3, warmup-iters 50, backbone-lr-mult 1.0, clip-grad 1.0, eval/save every 1000, workers 0
+  Mask R-CNN (--model maskrcnn_*), --dataset procedural: iters 250, batch-size 4, lr 1e-3 (constant after
+      warmup-iters 25), backbone-lr-mult 1.0, clip-grad 1.0, evaluation at the end, workers 0
 
 recipes:
   python train.py                                   # denseclip_tiny, procedural shapes, ~6 min on 2 CPU cores
   python train.py --model fpn_tiny                  # its no-language baseline
   python train.py --model retinanet_denseclip_tiny  # a detector on procedural shapes (retinanet_tiny: no language)
+  python train.py --model maskrcnn_denseclip_tiny   # instance segmentation on procedural shapes (maskrcnn_tiny)
   torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt
   # official ADE20K run: 8 GPUs x 4 images = global batch 32, SyncBN
   torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt
@@ -122,14 +130,28 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--tensorboard", action="store_true", help="also log losses, lr, speed and mIoU for TensorBoard "
+                                                              "under OUT_DIR/tensorboard (pip install tensorboard)")
     args = p.parse_args(argv)
     recipe = "procedural" if args.dataset == "procedural" else "official"
     if task_of(args.model) == "detection":
         recipe = "detection_" + recipe
+        if recipe == "detection_procedural" and CONFIGS[args.model]().detector == "maskrcnn":
+            recipe = "maskrcnn_procedural"
     for key, value in DEFAULTS[recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def tensorboard_writer(log_dir: Path):
+    """torch.utils.tensorboard's SummaryWriter, imported only when asked for: tensorboard is an optional extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'denseclip[tensorboard]'); log.jsonl is written either way") from None
+    return SummaryWriter(str(log_dir))
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -231,20 +253,29 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers)
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
+    writer = tensorboard_writer(out_dir / "tensorboard") if args.tensorboard and rank == 0 else None
 
     def log(record):
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+        if writer:  # the same numbers: train/loss_decode, train/lr, ..., val/mIoU against the iteration
+            group = "val" if "mIoU" in record else "train"
+            for k, v in record.items():
+                if k != "iter":
+                    writer.add_scalar(f"{group}/{k}", v, record["iter"])
+            writer.flush()
 
     def run_eval(it):
         cm = evaluate(model_without_ddp, val_set, device, amp=args.amp, workers=min(args.workers, 2))
         model.train()
         res = cm.compute()
-        if detection:  # cm: a coco.CocoEvaluator
+        if detection:  # cm: a coco.CocoEvaluator; res["segm"]: the mask numbers (Mask R-CNN)
+            segm = res.get("segm")
             print0(f"iter {it}: bbox AP {100 * res['AP']:.2f}  AP50 {100 * res['AP50']:.2f}  "
-                   f"AP75 {100 * res['AP75']:.2f}")
-            log({"iter": it, **{k: res[k] for k in STAT_NAMES}})
+                   f"AP75 {100 * res['AP75']:.2f}" + (f"  segm AP {100 * segm['AP']:.2f}" if segm else ""))
+            log({"iter": it, **{k: res[k] for k in STAT_NAMES},
+                 **({f"segm_{k}": segm[k] for k in STAT_NAMES} if segm else {})})
             return res, cm
         print0(f"iter {it}: val mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}  "
                f"aAcc {100 * res['aAcc']:.2f}")
@@ -320,11 +351,14 @@ def main(argv=None):
     res, cm = run_eval(args.iters)
     print0(cm.format_table(train_set.class_names))
     if detection:
-        print0(f"{args.model}, {args.iters} iterations:\nbbox AP {100 * res['AP']:.2f}")
+        print0(f"{args.model}, {args.iters} iterations:\nbbox AP {100 * res['AP']:.2f}" +
+               (f"\nsegm AP {100 * res['segm']['AP']:.2f}" if "segm" in res else ""))
     else:
         print0(f"val mIoU {100 * res['mIoU']:.2f} ({args.model}, {args.iters} iterations)")
     if log_file:
         log_file.close()
+    if writer:
+        writer.close()
     if world > 1:
         dist.destroy_process_group()
     return res

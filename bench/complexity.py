@@ -37,6 +37,15 @@ this size), nor the score-map einsum, so by our per-module estimate mmcv would p
 (context decoder, wider C5 inputs) above RN50-CLIP; the published gap is 20 G, fvcore's 20.0 G. The official
 DenseCLIP segmentation code ships its fvcore counter (get_flops.py --fvcore).
 
+Mask R-CNN rows: mmdet's TwoStageDetector.forward_dummy at the same 1280x800: features, the RPN head's outputs,
+the box head on 1000 proposals and the mask head on the first 100 (`use_dense_forward`). Parameters round to the
+published integers (44.42, 66.70, 63.41, 84.24 M) and so do the CLIP rows' GFLOPs (301.41, 377.38, with the mask
+head's deconv under the 2021 rule). The DenseCLIP rows are 5.6 G (RN50, D 1024) and 2.9 G (RN101, D 512) lower
+than published (321.37 vs 327, 396.09 vs 399): the gap scales with D, while DenseCLIP - CLIP here (20.0, 18.7 G)
+equals the RetinaNet gap (20, 19 G published). Not explained; a pixel-text product of the 80 classes at stride 4
+(80 x D x 320 x 200 = 5.24 / 2.62 G) would be of that size, which neither our model nor the official RetinaNet
+computes.
+
 Remaining differences from the official table (measured numbers: bench/README.md) and our best explanation:
 - fpn_clip_vitb16 params: ours 101.28M vs 100.8M. Hypothesis: the official row was measured with the ViT
   positional embedding stored at 512x512 (32x32+1 rows) rather than 640x640 (40x40+1): (1601 - 1025) x 768
@@ -88,6 +97,10 @@ OFFICIAL = {
     "retinanet_denseclip_r50": (285, 60),
     "retinanet_clip_r101": (341, 57),
     "retinanet_denseclip_r101": (360, 78),
+    "maskrcnn_clip_r50": (301, 44),
+    "maskrcnn_denseclip_r50": (327, 67),
+    "maskrcnn_clip_r101": (377, 63),
+    "maskrcnn_denseclip_r101": (399, 84),
 }
 
 NOTES = [
@@ -104,6 +117,9 @@ NOTES = [
     "with it), or 269.8 was mistyped.",
     "RetinaNet rows: 1280x800 (mmdet get_flops' default shape), forward_dummy's graph (backbone, context decoder, "
     "FPN, head; no NMS); every count rounds to the published integer (the +0.75% is 60.449 M vs '60').",
+    "Mask R-CNN rows: mmdet's two-stage forward_dummy (RPN head, box head on 1000 proposals, mask head on 100); "
+    "params and CLIP-row GFLOPs round to the published integers; the DenseCLIP rows are 5.6 G (D 1024) / 2.9 G "
+    "(D 512) lower, a gap that scales with D and is not explained (see the module docstring).",
 ]
 
 # Ops whose name marks a product of tensors: if fvcore skipped one of these, the count would be too low.
@@ -167,15 +183,36 @@ def breakdown(by_module: Dict[str, int], model: torch.nn.Module) -> Dict[str, in
     return parts
 
 
+DUMMY_PROPOSALS, DUMMY_MASK_ROIS = 1000, 100  # mmdet TwoStageDetector.forward_dummy: 1000 proposals, first 100 masked
+
+
 def use_dense_forward(detector: torch.nn.Module):
     """What mmdet's get_flops counts (`model.forward = model.forward_dummy`): features and head outputs of one
-    padded, normalised image; no resize, anchors, decoding or NMS."""
+    padded, normalised image; no resize, anchors, decoding or NMS. Mask R-CNN (two-stage forward_dummy): the RPN
+    head's outputs, then the box head on 1000 fixed proposals and the mask head on the first 100 of them (mmdet
+    draws them with torch.randn; RoIAlign itself has no FLOP handle, so where they lie does not change the count)."""
     def forward(x):
         feats, _ = detector.extract_feat(x)
         out = detector.head(feats)
         return out["cls_logits"], out["bbox_regression"]
 
-    detector.forward = forward
+    def forward_two_stage(x):
+        feats, _ = detector.extract_feat(x)
+        objectness, deltas = detector.rpn.head(feats)
+        H, W = x.shape[-2:]
+        g = torch.Generator().manual_seed(0)
+        xy = torch.rand(DUMMY_PROPOSALS, 2, generator=g) * torch.tensor([W / 2, H / 2])
+        proposals = torch.cat([xy, xy + torch.rand(DUMMY_PROPOSALS, 2, generator=g) * torch.tensor([W / 2, H / 2])
+                               + 1], dim=1)  # (1000, 4) valid xyxy boxes
+        levels = {str(i): f for i, f in enumerate(feats)}
+        heads = detector.roi_heads
+        box = heads.box_head(heads.box_roi_pool(levels, [proposals], [(H, W)]))
+        scores, box_deltas = heads.box_predictor(box)
+        masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(levels, [proposals[:DUMMY_MASK_ROIS]],
+                                                                         [(H, W)])))
+        return objectness, deltas, scores, box_deltas, masks
+
+    detector.forward = forward_two_stage if detector.cfg.detector == "maskrcnn" else forward
 
 
 @torch.no_grad()

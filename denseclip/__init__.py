@@ -6,6 +6,7 @@ context-aware prompting. The public API:
     build_model(name, class_names=None, **overrides)      a named config (see CONFIGS): segmentor or detector
     task_of(name)                                         "segmentation" or "detection", without building
     load_checkpoint(model, path)                          ours, official DenseCLIP, OpenAI CLIP, ImageNet
+    ZeroShotSegmenter(clip, class_names)                  raw CLIP, no training (MaskCLIP / DenseCLIP read-out)
 """
 from typing import Optional, Sequence
 
@@ -14,6 +15,7 @@ from .clip import CLIP, load_clip
 from .configs import CONFIGS, DenseCLIPConfig, DetectionConfig, task_of
 from .segmentor import DenseCLIP
 from .tokenizer import tokenize
+from .zeroshot import ZeroShotSegmenter
 
 
 def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overrides):
@@ -28,5 +30,5 @@ def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overri
     return build_segmentor(name, class_names, **overrides)
 
 
-__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "DetectionConfig", "build_model", "load_checkpoint",
-           "load_clip", "task_of", "tokenize"]
+__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "DetectionConfig", "ZeroShotSegmenter", "build_model",
+           "load_checkpoint", "load_clip", "task_of", "tokenize"]

@@ -8,6 +8,10 @@
   wrongly shaped key is an error naming it (the official code prints and carries on);
 - an official DenseCLIP / mmdet RetinaNet checkpoint: the same, except that mmdet's RetinaHead
   (`bbox_head.*`) is renamed onto torchvision's RetinaNetHead (`head.*`) by `mmdet_retina_head_to_ours`;
+- an official DenseCLIP / mmdet Mask R-CNN checkpoint: the same, with mmdet's RPNHead, Shared2FCBBoxHead and
+  FCNMaskHead (`rpn_head.*`, `roi_head.*`) mapped onto torchvision's RPN and RoI heads by
+  `mmdet_maskrcnn_heads_to_ours`; the rows torchvision has for its background class 0 and mmdet has not are
+  filled with zeros and listed in the report's notes;
 - an OpenAI CLIP file (TorchScript archive or state dict): initialises the image encoder (positional
   embeddings resized to the model's grid, as the official init_weights does) and the text encoder
   (positional embedding truncated to the text length). New layers may be missing; CLIP keys the
@@ -43,6 +47,7 @@ class LoadReport:
     loaded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # model keys left at their initialisation
     unused: List[str] = field(default_factory=list)  # file keys with no place in the model
+    notes: List[str] = field(default_factory=list)  # "model key: what was filled in and why" (mapped files)
 
     def __str__(self):
         lines = [f"loaded {len(self.loaded)} tensors ({self.kind})"]
@@ -50,6 +55,7 @@ class LoadReport:
             lines.append(f"newly initialised ({len(self.missing)}): {', '.join(self.missing)}")
         if self.unused:
             lines.append(f"unused from the file ({len(self.unused)}): {', '.join(self.unused)}")
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -206,6 +212,49 @@ def mmdet_retina_head_to_ours(sd: dict) -> dict:
     return out
 
 
+MASKRCNN_HEAD_KEYS = {  # mmdet 2.17 Mask R-CNN head parameter (without .weight / .bias) -> torchvision's
+    r"rpn_head\.rpn_conv": "rpn.head.conv.0.0", r"rpn_head\.rpn_cls": "rpn.head.cls_logits",
+    r"rpn_head\.rpn_reg": "rpn.head.bbox_pred",
+    r"roi_head\.bbox_head\.shared_fcs\.0": "roi_heads.box_head.fc6",
+    r"roi_head\.bbox_head\.shared_fcs\.1": "roi_heads.box_head.fc7",
+    r"roi_head\.bbox_head\.fc_cls": "roi_heads.box_predictor.cls_score",
+    r"roi_head\.bbox_head\.fc_reg": "roi_heads.box_predictor.bbox_pred",
+    r"roi_head\.mask_head\.convs\.(\d)\.conv": r"roi_heads.mask_head.\1.0",
+    r"roi_head\.mask_head\.upsample": "roi_heads.mask_predictor.conv5_mask",
+    r"roi_head\.mask_head\.conv_logits": "roi_heads.mask_predictor.mask_fcn_logits",
+}
+
+
+def mmdet_maskrcnn_heads_to_ours(sd: dict):
+    """mmdet's Mask R-CNN heads -> torchvision's; other keys pass unchanged; an unknown `rpn_head.*` / `roi_head.*`
+    key is an error. Returns (state dict, notes). The RPN and the fcs / convs map one to one (same layouts: anchor-
+    major RPN channels over ratio-ordered anchors; (dx, dy, dw, dh) codings whose mmdet stds (1,1,1,1) and
+    (0.1,0.1,0.2,0.2) are torchvision's weights (1,1,1,1) and (10,10,5,5)). The class axes differ: mmdet's fc_cls
+    has background LAST (K + 1 rows), torchvision's cls_score FIRST, so the row moves; mmdet's fc_reg (4K) and
+    conv_logits (K) have no background rows, torchvision's bbox_pred (4(K+1)) and mask_fcn_logits (K+1) do:
+    zeros go there (torchvision never reads them: it drops class 0 from boxes and masks), and a note says so."""
+    out, notes = {}, set()
+    for k, v in sd.items():
+        if not k.startswith(("rpn_head.", "roi_head.")):
+            out[k] = v
+            continue
+        name, _, param = k.rpartition(".")
+        target = next((re.sub(p, t, name) for p, t in MASKRCNN_HEAD_KEYS.items() if re.fullmatch(p, name)), None)
+        if target is None or param not in ("weight", "bias"):
+            raise CheckpointError(f"unexpected Mask R-CNN head key {k!r} (expected rpn_head.rpn_conv/rpn_cls/rpn_reg, "
+                                  f"roi_head.bbox_head.shared_fcs.0-1/fc_cls/fc_reg, roi_head.mask_head.convs.i.conv/"
+                                  f"upsample/conv_logits)")
+        if name.endswith("fc_cls"):
+            v = torch.cat([v[-1:], v[:-1]])  # background: last (mmdet) -> first (torchvision)
+        elif name.endswith(("fc_reg", "conv_logits")):
+            rows = 4 if name.endswith("fc_reg") else 1
+            v = torch.cat([v.new_zeros(rows, *v.shape[1:]), v])
+            notes.add(f"{target}: zeros for torchvision's background class 0 (mmdet's {name} has no background "
+                      f"row; torchvision never uses it)")
+        out[f"{target}.{param}"] = v
+    return out, sorted(notes)
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> LoadReport:
     """Load weights into `model` (a segmentor or detector); see the module docstring. Returns a report."""
     if isinstance(path_or_state_dict, dict):
@@ -224,8 +273,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
         sd = {"backbone." + k: v for k, v in sd.items()}
         return _load_partial(model, sd, "imagenet", lambda k: not k.startswith("backbone.") or ".attnpool." in k,
                              file_names)
+    notes = []
     if any(k.startswith("bbox_head.") for k in sd):  # official mmdet RetinaNet
         sd = mmdet_retina_head_to_ours(sd)
+    if any(k.startswith(("rpn_head.", "roi_head.")) for k in sd):  # official mmdet Mask R-CNN
+        sd, notes = mmdet_maskrcnn_heads_to_ours(sd)
     if "text_embeddings" in sd:  # saved after drop_text_encoder(): the text features hold its classes
         saved = decode_names(sd["text_class_names"]) if "text_class_names" in sd else None
         if saved is not None and saved != list(model.class_names):
@@ -235,4 +287,6 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
                                   "change, so build the model with the export's class names")
         if hasattr(model, "text_encoder"):
             model.drop_text_encoder()
-    return _load_whole(model, sd, meta)
+    report = _load_whole(model, sd, meta)
+    report.notes = notes
+    return report

@@ -11,6 +11,11 @@ official DenseCLIP checkpoints load strictly. What differs from OpenAI's code:
 - `ModifiedResNet.forward_dense` / `VisionTransformer.forward_dense` also return the four pyramid
   levels. The ViT pyramid (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one
   of the official DenseCLIP ViT-B/16 backbone, with the same parameter names (fpn1..fpn4).
+- `readout="maskclip"` in `forward_dense` swaps the dense map z for MaskCLIP's (Zhou et al., ECCV 2022,
+  "Extract Free Dense Labels from CLIP"), which keeps no query-key attention in the last step: ResNet: each
+  position through the attention pool's v_proj and c_proj only (no positional embedding, as MaskCLIP's head);
+  ViT: the last block with its attention replaced by the value path, x + out_proj(v_proj(ln_1(x))), then that
+  block's MLP, ln_post and proj. z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it (zeroshot.py).
 - `TextEncoder` accepts learnable context vectors inserted right after the start token (CoOp),
   and truncates its positional embedding to the sequence it is given.
 
@@ -104,6 +109,14 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+READOUTS = ("denseclip", "maskclip")  # the dense read-outs of forward_dense (see the module docstring)
+
+
+def check_readout(readout: str):
+    if readout not in READOUTS:
+        raise ValueError(f"unknown dense read-out {readout!r}; expected one of {READOUTS}")
+
+
 class AttentionPool2d(nn.Module):
     """CLIP's QKV attention pooling, run with every position as a query (DenseCLIP Eq. 1-2).
 
@@ -139,6 +152,12 @@ class AttentionPool2d(nn.Module):
         z_global = x[:, 0]  # (B, D)
         z_dense = x[:, 1:].transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
         return z_global, z_dense
+
+    def forward_values(self, x) -> torch.Tensor:
+        """MaskCLIP's dense read-out (B, D, H, W): every position through v_proj then c_proj, no attention."""
+        B, C, H, W = x.shape
+        x = self.c_proj(self.v_proj(x.flatten(2).transpose(1, 2)))  # (B, N, D)
+        return x.transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
 
 
 class ModifiedResNet(nn.Module):
@@ -196,12 +215,16 @@ class ModifiedResNet(nn.Module):
             feats.append(x)  # strides 4, 8, 16, 32
         return feats
 
-    def forward_dense(self, x):
-        """-> ([x1, x2, x3, x4], z̄ (B, D) or None, z (B, D, H/32, W/32) or None)"""
+    def forward_dense(self, x, readout: str = "denseclip"):
+        """-> ([x1, x2, x3, x4], z̄ (B, D) or None, z (B, D, H/32, W/32) or None); readout "denseclip" (every
+        position a query of the attention pool) or "maskclip" (value and output projections only)."""
+        check_readout(readout)
         feats = self.forward_pyramid(x)
         if self.attnpool is None:
             return feats, None, None
         z_global, z_dense = self.attnpool(feats[-1])
+        if readout == "maskclip":
+            z_dense = self.attnpool.forward_values(feats[-1])
         return feats, z_global, z_dense
 
     def forward(self, x):
@@ -247,6 +270,13 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, causal: bool = False):
         x = x + drop_path(self.attn(self.ln_1(x), causal), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
+
+    def forward_values(self, x):
+        """MaskCLIP's last block: attention replaced by its value path, x + out_proj(v_proj(ln_1(x))), then the MLP."""
+        C = x.shape[-1]
+        v = F.linear(self.ln_1(x), self.attn.in_proj_weight[2 * C:], self.attn.in_proj_bias[2 * C:])  # (B, L, C)
+        x = x + self.attn.out_proj(v)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -314,12 +344,17 @@ class VisionTransformer(nn.Module):
             pos = torch.cat([pos[:1] + self.class_embedding.to(x.dtype), pos[1:]], dim=0)
         return self.ln_pre(x + pos), (H, W)
 
-    def forward_dense(self, x):
-        """-> ([x1..x4] or [], z̄ (B, D) or None, z (B, D, H, W) or None)"""
+    def forward_dense(self, x, readout: str = "denseclip"):
+        """-> ([x1..x4] or [], z̄ (B, D) or None, z (B, D, H, W) or None); readout "denseclip" (the last block's
+        tokens) or "maskclip" (z from the last block run on its value path; z̄ unchanged)."""
+        check_readout(readout)
         x, (H, W) = self._tokens(x)
         B = x.shape[0]
         feats = []
+        last = len(self.transformer.resblocks) - 1
         for i, block in enumerate(self.transformer.resblocks):
+            if i == last and readout == "maskclip" and hasattr(self, "proj"):
+                values = self.ln_post(block.forward_values(x)[:, 1:]) @ self.proj  # (B, N, D)
             x = block(x)
             if i in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(B, -1, H, W))  # (B, C, H, W)
@@ -328,7 +363,8 @@ class VisionTransformer(nn.Module):
         if not hasattr(self, "proj"):
             return feats, None, None
         x = self.ln_post(x) @ self.proj  # (B, 1+N, D)
-        return feats, x[:, 0], x[:, 1:].transpose(1, 2).reshape(B, -1, H, W)
+        dense = values if readout == "maskclip" else x[:, 1:]  # (B, N, D)
+        return feats, x[:, 0], dense.transpose(1, 2).reshape(B, -1, H, W)
 
     def forward(self, x):
         x, _ = self._tokens(x)

@@ -113,8 +113,9 @@ def fpn_tiny():
 
 @dataclass
 class DetectionConfig:
-    """DenseCLIP detectors (official `detection/`, mmdet 2.17) on torchvision's RetinaNet. The text and prompting
-    fields mean what they mean in DenseCLIPConfig (language.py reads them from either)."""
+    """DenseCLIP detectors (official `detection/`, mmdet 2.17) on torchvision's RetinaNet or Mask R-CNN. The text
+    and prompting fields mean what they mean in DenseCLIPConfig (language.py reads them from either)."""
+    detector: str = "retinanet"  # "retinanet" (torchvision RetinaNet) or "maskrcnn" (torchvision MaskRCNN)
     # --- image encoder: CLIP ModifiedResNet (the only image encoder of the official detection code)
     backbone: str = "resnet"
     vision_layers: Tuple[int, ...] = (3, 4, 6, 3)  # blocks per ResNet stage
@@ -149,18 +150,38 @@ class DetectionConfig:
     fpn_num_outs: int = 5  # P3..P7 (strides 8..128)
     fpn_add_extra_convs: str = "on_input"  # P6 = stride-2 3x3 conv on C5 (+ scores), P7 on P6; "": max pool
     fpn_relu_before_extra_convs: bool = False  # mmdet's default, kept by the official RetinaNet config
-    # --- RetinaNet anchors (mmdet AnchorGenerator) and training assignment (MaxIoUAssigner)
+    # --- anchors (mmdet AnchorGenerator) and their training assignment (MaxIoUAssigner): RetinaNet's head, or
+    # Mask R-CNN's RPN
     anchor_strides: Tuple[int, ...] = (8, 16, 32, 64, 128)  # one per FPN output
     octave_base_scale: float = 4.0  # anchor side = stride x 4 x 2^(i/3): 32..813 px over P3..P7
     scales_per_octave: int = 3
     anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
     fg_iou_thresh: float = 0.5  # pos_iou_thr
     bg_iou_thresh: float = 0.4  # neg_iou_thr; in between: ignored
+    # --- Mask R-CNN only (mmdet's mask_rcnn_r50_fpn train_cfg / test_cfg): RPN proposals
+    rpn_batch_size_per_image: int = 256  # rpn sampler num: anchors sampled per image for the RPN losses
+    rpn_positive_fraction: float = 0.5  # rpn sampler pos_fraction
+    rpn_pre_nms_top_n_train: int = 2000  # rpn_proposal nms_pre (per level)
+    rpn_post_nms_top_n_train: int = 1000  # rpn_proposal max_per_img
+    rpn_pre_nms_top_n_test: int = 1000  # test rpn nms_pre (per level)
+    rpn_post_nms_top_n_test: int = 1000  # test rpn max_per_img
+    rpn_nms_thresh: float = 0.7  # rpn nms iou_threshold
+    # --- Mask R-CNN only: RoI heads (Shared2FCBBoxHead, FCNMaskHead, SingleRoIExtractor)
+    roi_strides: Tuple[int, ...] = (4, 8, 16, 32)  # featmap_strides: RoIs are pooled from P2..P5 (not P6)
+    roi_finest_scale: int = 56  # an RoI of side s is pooled from level floor(log2(s / 56)), clamped to P2..P5
+    roi_sampling_ratio: int = 0  # RoIAlign sampling points per bin side; 0: adaptive, ceil(RoI bin size)
+    box_fc_channels: int = 1024  # fc_out_channels of the two shared fcs
+    mask_conv_channels: int = 256  # FCNMaskHead conv_out_channels (4 convs, then a 2x deconv)
+    box_fg_iou_thresh: float = 0.5  # rcnn assigner pos_iou_thr
+    box_bg_iou_thresh: float = 0.5  # rcnn assigner neg_iou_thr
+    box_batch_size_per_image: int = 512  # rcnn sampler num: RoIs per image for the box and mask losses
+    box_positive_fraction: float = 0.25  # rcnn sampler pos_fraction
+    mask_thresh: float = 0.5  # mask_thr_binary: a pasted mask probability >= this is the object
     # --- input: torchvision's GeneralizedRCNNTransform (keep-ratio resize, CLIP mean/std, pad)
     min_size: int = 800  # shorter side (mmdet img_scale (1333, 800))
     max_size: int = 1333  # longer side cap
     size_divisible: int = 32  # pad to a multiple of the coarsest backbone stride
-    # --- test time: mmdet test_cfg of the official RetinaNet config
+    # --- test time: mmdet test_cfg of the official RetinaNet config (Mask R-CNN: its rcnn test_cfg, same values)
     score_thresh: float = 0.05  # score_thr
     nms_thresh: float = 0.5  # nms iou_threshold
     topk_candidates: int = 1000  # nms_pre (per level)
@@ -296,10 +317,53 @@ def check_class_names(class_names: Sequence[str]) -> list:
 
 
 
+def _maskrcnn(cfg):
+    # mmdet's mask_rcnn_r50_fpn: FPN P2..P6 (P6 by stride-2 max pool), RPN anchors 8 x stride over strides
+    # 4..64 (32..512 px), 3 ratios, assigned at IoU 0.7 / 0.3.
+    cfg.detector, cfg.fpn_start_level, cfg.fpn_add_extra_convs = "maskrcnn", 0, ""
+    cfg.anchor_strides, cfg.octave_base_scale, cfg.scales_per_octave = (4, 8, 16, 32, 64), 8.0, 1
+    cfg.fg_iou_thresh, cfg.bg_iou_thresh = 0.7, 0.3
+    return cfg
+
+
+def maskrcnn_denseclip_r50():
+    return _maskrcnn(retinanet_denseclip_r50())
+
+
+def maskrcnn_denseclip_r101():
+    return _maskrcnn(retinanet_denseclip_r101())
+
+
+def maskrcnn_clip_r50():
+    return _maskrcnn(retinanet_clip_r50())
+
+
+def maskrcnn_clip_r101():
+    return _maskrcnn(retinanet_clip_r101())
+
+
+def maskrcnn_denseclip_tiny():
+    # retinanet_denseclip_tiny's towers and sizes; heads narrowed to the tiny FPN's width, RPN anchors halved
+    # (16..256 px: the procedural shapes are 10-60 px across), fewer sampled RoIs and proposals (a few objects
+    # per small image).
+    cfg = _maskrcnn(retinanet_denseclip_tiny())
+    cfg.octave_base_scale, cfg.box_fc_channels, cfg.mask_conv_channels = 4.0, 128, 32
+    cfg.rpn_pre_nms_top_n_train, cfg.rpn_post_nms_top_n_train = 1000, 300
+    cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test = 500, 300
+    cfg.box_batch_size_per_image = 128
+    return cfg
+
+
+def maskrcnn_tiny():
+    return _detection_baseline(maskrcnn_denseclip_tiny())
+
+
 CONFIGS = {f.__name__: f for f in (denseclip_r50, denseclip_r101, denseclip_vitb16, fpn_clip_r50, fpn_clip_r101,
                                    fpn_clip_vitb16, denseclip_imagenet_r50, denseclip_tiny, fpn_tiny,
                                    retinanet_denseclip_r50, retinanet_clip_r50, retinanet_denseclip_r101,
-                                   retinanet_clip_r101, retinanet_denseclip_tiny, retinanet_tiny)}
+                                   retinanet_clip_r101, retinanet_denseclip_tiny, retinanet_tiny,
+                                   maskrcnn_denseclip_r50, maskrcnn_clip_r50, maskrcnn_denseclip_r101,
+                                   maskrcnn_clip_r101, maskrcnn_denseclip_tiny, maskrcnn_tiny)}
 
 
 def task_of(name: str) -> str:

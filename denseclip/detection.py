@@ -150,7 +150,54 @@ def box_seg_loss(score: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return loss / weight.sum().clamp(min=1)
 
 
-class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
+def clip_backbone(cfg: DetectionConfig) -> ModifiedResNet:
+    """The detectors' image encoder: CLIP's ResNet, its attention pool cropping (not resizing) its positions."""
+    check_config(cfg)  # types and fixed value sets, named in the error
+    if cfg.backbone != "resnet":
+        raise ValueError(f"detection supports the CLIP ResNet backbone only, not {cfg.backbone!r}")
+    padded = math.ceil(cfg.max_size / cfg.size_divisible) * cfg.size_divisible
+    if cfg.use_text and cfg.crop_pos_embed and cfg.input_resolution < padded:
+        raise ValueError(f"input_resolution {cfg.input_resolution} must cover max_size {cfg.max_size} padded to "
+                         f"{padded}: the attention pool crops its positional grid to the feature grid")
+    return ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.input_resolution, cfg.vision_width,
+                          crop_pos_embed=cfg.crop_pos_embed)
+
+
+class DenseCLIPFeatures(PixelTextMatching):
+    """The DenseCLIP backbone-with-neck that every detector here shares (RetinaNet and Mask R-CNN): the CLIP ResNet
+    (`self.backbone`, set by the torchvision detector's constructor), the text side (language.py), C5 <- [C5, s / τ]
+    and mmdet's FPN (`self.neck`), and the auxiliary box-target loss. A base class, not a submodule, so that the
+    parameters keep the official top-level names."""
+
+    def init_features(self, cfg: DetectionConfig, class_names: Sequence[str]):
+        self.cfg = cfg
+        self.init_language(cfg, class_names)  # text encoder, contexts, context decoder, gamma (language.py)
+        channels = list(self.backbone.out_channels)
+        if cfg.use_text:
+            channels[-1] += len(class_names)  # s / τ joins C5
+        self.neck = FPN(channels, cfg.neck_channels, cfg.fpn_num_outs, cfg.fpn_start_level, cfg.fpn_add_extra_convs,
+                        cfg.fpn_relu_before_extra_convs)
+
+    def extract_feat(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """Padded, normalised batch (B, 3, H, W) -> (FPN levels, score map s / τ (B, K, H/32, W/32) or None)."""
+        feats, z_global, z_dense = self.backbone.forward_dense(x)
+        score = None
+        if self.cfg.use_text:
+            score = self.score_map(z_global, z_dense) / self.cfg.tau  # (B, K, h, w)
+            feats = feats[:-1] + [torch.cat([feats[-1], score.to(feats[-1].dtype)], dim=1)]  # (B, C5 + K, h, w)
+        return self.neck(feats), score
+
+    def aux_losses(self, score: Optional[torch.Tensor], targets, padded_size: Tuple[int, int]) -> Dict:
+        """{"loss_aux": weight x box_seg_loss} on the transformed (resized) boxes; {} without language."""
+        if score is None or not self.cfg.aux_loss_weight:
+            return {}
+        H, W = padded_size
+        target, mask = box_seg_targets([t["boxes"] for t in targets], [t["labels"] for t in targets],
+                                       self.num_classes, (H // AUX_STRIDE, W // AUX_STRIDE))
+        return {"loss_aux": self.cfg.aux_loss_weight * box_seg_loss(score, target, mask)}
+
+
+class DenseCLIPRetinaNet(RetinaNet, DenseCLIPFeatures):
     """torchvision's RetinaNet with the DenseCLIP backbone-with-neck (or, with use_text False, the plain CLIP
     ResNet + FPN baseline). train: model(images, targets) -> {loss_cls, loss_bbox[, loss_aux]}; eval:
     model(images) -> [{boxes, scores, labels}] in each image's own pixels (see the detection contract)."""
@@ -158,15 +205,7 @@ class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
     task = "detection"
 
     def __init__(self, cfg: DetectionConfig, class_names: Sequence[str]):
-        check_config(cfg)  # types and fixed value sets, named in the error
-        if cfg.backbone != "resnet":
-            raise ValueError(f"detection supports the CLIP ResNet backbone only, not {cfg.backbone!r}")
-        padded = math.ceil(cfg.max_size / cfg.size_divisible) * cfg.size_divisible
-        if cfg.use_text and cfg.crop_pos_embed and cfg.input_resolution < padded:
-            raise ValueError(f"input_resolution {cfg.input_resolution} must cover max_size {cfg.max_size} padded to "
-                             f"{padded}: the attention pool crops its positional grid to the feature grid")
-        backbone = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.input_resolution,
-                                  cfg.vision_width, crop_pos_embed=cfg.crop_pos_embed)
+        backbone = clip_backbone(cfg)
         anchors = MMDetAnchorGenerator(cfg.anchor_strides, cfg.octave_base_scale, cfg.scales_per_octave,
                                        cfg.anchor_ratios)
         K = len(class_names)
@@ -177,24 +216,9 @@ class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
                          detections_per_img=cfg.detections_per_img, fg_iou_thresh=cfg.fg_iou_thresh,
                          bg_iou_thresh=cfg.bg_iou_thresh, topk_candidates=cfg.topk_candidates,
                          size_divisible=cfg.size_divisible)
-        self.cfg = cfg
-        self.init_language(cfg, class_names)  # text encoder, contexts, context decoder, gamma (language.py)
-        channels = list(backbone.out_channels)
-        if cfg.use_text:
-            channels[-1] += K  # s / τ joins C5
-        self.neck = FPN(channels, cfg.neck_channels, cfg.fpn_num_outs, cfg.fpn_start_level, cfg.fpn_add_extra_convs,
-                        cfg.fpn_relu_before_extra_convs)
+        self.init_features(cfg, class_names)  # language, C5 + K channels, mmdet's FPN
         if len(cfg.anchor_strides) != cfg.fpn_num_outs:
             raise ValueError(f"{len(cfg.anchor_strides)} anchor strides for {cfg.fpn_num_outs} FPN levels")
-
-    def extract_feat(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """Padded, normalised batch (B, 3, H, W) -> (FPN levels P3..P7, score map s / τ (B, K, H/32, W/32) or None)."""
-        feats, z_global, z_dense = self.backbone.forward_dense(x)
-        score = None
-        if self.cfg.use_text:
-            score = self.score_map(z_global, z_dense) / self.cfg.tau  # (B, K, h, w)
-            feats = feats[:-1] + [torch.cat([feats[-1], score.to(feats[-1].dtype)], dim=1)]  # (B, C5 + K, h, w)
-        return self.neck(feats), score
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         """torchvision's RetinaNet.forward with our features, and the aux loss on the transformed targets."""
@@ -213,12 +237,7 @@ class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
         if self.training:
             tv = self.compute_loss(targets, head_outputs, anchors)
             losses = {"loss_cls": tv["classification"], "loss_bbox": tv["bbox_regression"]}
-            if score is not None and self.cfg.aux_loss_weight:
-                H, W = images.tensors.shape[-2:]
-                target, mask = box_seg_targets([t["boxes"] for t in targets], [t["labels"] for t in targets],
-                                               self.num_classes, (H // AUX_STRIDE, W // AUX_STRIDE))
-                losses["loss_aux"] = self.cfg.aux_loss_weight * box_seg_loss(score, target, mask)
-            return losses
+            return {**losses, **self.aux_losses(score, targets, images.tensors.shape[-2:])}
         per_level = [f.shape[-2] * f.shape[-1] * self.anchor_generator.num_anchors_per_location()[0] for f in feats]
         split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
         detections = self.postprocess_detections(split, [list(a.split(per_level)) for a in anchors],
@@ -226,13 +245,20 @@ class DenseCLIPRetinaNet(RetinaNet, PixelTextMatching):
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
 
 
-def build_detector(name: str, class_names: Optional[Sequence[str]] = None, **overrides) -> DenseCLIPRetinaNet:
-    """A named detection config (see configs.CONFIGS), with field overrides; class names default to COCO's 80."""
+def build_detector(name: str, class_names: Optional[Sequence[str]] = None, **overrides) -> DenseCLIPFeatures:
+    """A named detection config (see configs.CONFIGS), with field overrides; class names default to COCO's 80.
+    cfg.detector picks torchvision's RetinaNet (here) or Mask R-CNN (maskrcnn.py)."""
     cfg = replace(CONFIGS[name](), **overrides)
     if not isinstance(cfg, DetectionConfig):
         raise ValueError(f"{name!r} is not a detection config")
     if class_names is None:
         class_names = COCO_CLASSES
+    if cfg.detector == "maskrcnn":
+        from .maskrcnn import DenseCLIPMaskRCNN  # imports this module: a cycle if imported at the top
+
+        return DenseCLIPMaskRCNN(cfg, class_names)
+    if cfg.detector != "retinanet":
+        raise ValueError(f"detector must be 'retinanet' or 'maskrcnn', not {cfg.detector!r}")
     return DenseCLIPRetinaNet(cfg, class_names)
 
 

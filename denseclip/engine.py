@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import coco, data, transforms
 from .checkpoint import is_torchscript, load_file
 from .configs import DenseCLIPConfig, task_of
 from .errors import ConfigError, MissingFileError, TrainingError
 from .metrics import ConfusionMatrix
+from .progress import progress
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
 
@@ -131,7 +132,7 @@ def dataset_class_names(args) -> list:
 
 def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
     """The train or val dataset named by the data options; split is 'train' or 'val'."""
-    if task_of(args.model) == "detection":
+    if args.model and task_of(args.model) == "detection":  # no model: zero-shot from CLIP weights (segmentation)
         return build_detection_dataset(args, split, model_cfg)
     crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
     n = None if train else args.val_size or None  # 0 or unset: all
@@ -154,11 +155,14 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
 
 def build_detection_dataset(args, split: str, model_cfg):
     """Detection data: procedural shapes with boxes (images the size of the model's min_size unless --crop-size),
-    or COCO-format files; --val-size keeps the first N validation images (COCOeval then scores only those)."""
+    or COCO-format files; Mask R-CNN's training data also gives instance masks; --val-size keeps the first N
+    validation images (COCOeval then scores only those)."""
     train = split == "train"
     n = (args.train_size if train else args.val_size) or None
+    masks = train and model_cfg.detector == "maskrcnn"  # instance masks: Mask R-CNN's training targets
     if args.dataset == "procedural":
-        return coco.ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed)
+        return coco.ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed,
+                                        masks=masks)
     n = None if train else n
     if args.dataset != "coco":
         raise ConfigError(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
@@ -166,7 +170,7 @@ def build_detection_dataset(args, split: str, model_cfg):
     root = Path(args.data_root or "data/coco")
     ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
     images = (args.train_images if train else args.val_images) or root / f"{split}2017"
-    dataset = coco.CocoDetection(images, ann, train=train, seed=args.seed)
+    dataset = coco.CocoDetection(images, ann, train=train, seed=args.seed, masks=masks)
     dataset.ids = dataset.ids[:n]
     return dataset
 
@@ -298,7 +302,37 @@ def image_name(dataset, index: int) -> str:
     """Where the prediction for sample `index` goes under --show-dir: the image's relative path, as .png."""
     if hasattr(dataset, "samples"):
         return Path(dataset.samples[index][0]).relative_to(dataset.img_dir).with_suffix(".png").as_posix()
+    if isinstance(dataset, coco.CocoDetection):
+        return Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).with_suffix(".png").as_posix()
     return f"{index:06d}.png"
+
+
+SHOW_SCORE_THR = 0.3  # --show-dir draws detections above this score (mmdet's show_result default)
+
+
+def mask_outline(mask: torch.Tensor) -> torch.Tensor:
+    """(H, W) binary mask -> (H, W) bool: its pixels with a neighbour (of the 8) outside it or off the image."""
+    outside = torch.nn.functional.pad(1 - mask.bool().float()[None, None], (1, 1, 1, 1), value=1)  # (1, 1, H+2, W+2)
+    return mask.bool() & (torch.nn.functional.max_pool2d(outside, 3, stride=1)[0, 0] > 0)  # (H, W)
+
+
+def draw_detections(image: torch.Tensor, det: dict, class_names, score_thr: float = SHOW_SCORE_THR) -> Image.Image:
+    """An RGB picture of `det` over `image` (3, H, W) in [0, 1]: per detection above score_thr its box, "name
+    score" and, for Mask R-CNN, its mask outline, in the class's palette colour."""
+    keep = det["scores"] >= score_thr
+    canvas = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pal = palette()
+    colours = [tuple(pal[3 * (k + 1): 3 * (k + 2)]) for k in det["labels"][keep].tolist()]  # index 0 is black
+    if "masks" in det:
+        for mask, colour in zip(det["masks"][keep].cpu(), colours):
+            canvas[mask_outline(mask).numpy()] = colour
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    for box, score, label, colour in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
+                                         det["labels"][keep].tolist(), colours):
+        draw.rectangle(box, outline=colour, width=1)
+        draw.text((box[0] + 2, box[1] + 1), f"{class_names[label]} {score:.2f}", fill=colour)
+    return picture
 
 
 def is_detection(obj) -> bool:
@@ -309,16 +343,16 @@ def is_detection(obj) -> bool:
 @torch.no_grad()
 def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="none", workers=0, show_dir=None):
     """Confusion matrix of `model` on `dataset`, summed over all ranks; one image at a time (sizes differ).
-    Detectors: a coco.CocoEvaluator holding every rank's detections (mode, ratios, flip, show_dir unused)."""
+    Detectors: a coco.CocoEvaluator holding every rank's detections (mode, ratios, flip unused)."""
     if is_detection(model):
-        return evaluate_detection(model, dataset, device, amp, workers)
+        return evaluate_detection(model, dataset, device, amp, workers, show_dir)
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     cm = ConfusionMatrix(model.num_classes, model.cfg.ignore_index)
-    for index, (image, label) in zip(indices, loader):
+    for index, (image, label) in progress(zip(indices, loader), "eval", total=len(indices)):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)  # (1, 3, h, w)
         with autocast(device, amp):
             probs = model.predict(image, out_size=label.shape[-2:], ratios=ratios, flip=flip, mode=mode)
@@ -335,10 +369,11 @@ def evaluate(model, dataset, device, mode=None, ratios=(1.0,), flip=False, amp="
 
 
 @torch.no_grad()
-def evaluate_detection(model, dataset, device, amp="none", workers=0) -> coco.CocoEvaluator:
+def evaluate_detection(model, dataset, device, amp="none", workers=0, show_dir=None) -> coco.CocoEvaluator:
     """Detections on `dataset` gathered from all ranks, ready for COCOeval. One image at a time, as mmdet tests:
     a batch would pad images to a common size, and the attention pool's global token would then see the
-    padding, so a detection would depend on which images it was batched with (and on the number of ranks)."""
+    padding, so a detection would depend on which images it was batched with (and on the number of ranks).
+    show_dir: also write each image with its detections drawn (draw_detections)."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
@@ -351,5 +386,9 @@ def evaluate_detection(model, dataset, device, amp="none", workers=0) -> coco.Co
         with autocast(device, amp):
             det = model(images)[0]  # boxes (n, 4) xyxy in the image's own pixels, scores (n,), labels (n,)
         evaluator.update(index, int(targets[0]["image_id"]), det)
+        if show_dir:  # boxes, names, scores (and mask outlines) over the image
+            path = Path(show_dir) / image_name(dataset, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_detections(images[0], det, dataset.class_names).save(path)
     evaluator.reduce_from_all_processes()
     return evaluator

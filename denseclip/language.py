@@ -16,7 +16,7 @@ without renaming. Differences from the official code:
 Shape letters: B batch, K classes, D joint dim, h w = the dense feature grid, M learnable contexts.
 """
 import contextlib
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -170,15 +170,39 @@ class PixelTextMatching(nn.Module):
         self._text_cache = None
         return super().load_state_dict(*args, **kwargs)
 
+    # --- open vocabulary: other class names through the same trained contexts and frozen text encoder
+    def name_tokens(self, names: Sequence[str]) -> torch.Tensor:
+        """(K', class_token_length) token ids of any class names, on the model's device."""
+        if not hasattr(self, "text_encoder"):
+            raise ValueError("this model has no text encoder (exported with drop_text_encoder): it knows only its "
+                             f"training classes {self.class_names}")
+        texts = tokenize_class_names([n.strip() for n in names], self.cfg.class_token_length,
+                                     self.cfg.truncate_class_names)
+        return texts.to(self.text_encoder.positional_embedding.device)
+
+    def name_features(self, names: Sequence[str]) -> torch.Tensor:
+        """(1, K', D) text features of any class names (post-model / no prompting). A text-free export has
+        only its training names' features, so it answers for those names only."""
+        if not hasattr(self, "text_encoder"):
+            unknown = [n for n in names if n.strip() not in self.class_names]
+            if unknown:
+                self.name_tokens(unknown)  # raises: no text encoder for new names
+            return self.text_embeddings[:, [self.class_names.index(n.strip()) for n in names]]
+        return self.text_encoder(self.name_tokens(names), self.contexts)  # (1, K', D)
+
     # --- the pixel-text score map
-    def score_map(self, z_global, z_dense):
-        """Pixel-text score map s (B, K, h, w) from z̄ (B, D) and z (B, D, h, w), Eq. 3-5 (cosine, not / τ)."""
+    def score_map(self, z_global, z_dense, names: Optional[Sequence[str]] = None):
+        """Pixel-text score map s (B, K, h, w) from z̄ (B, D) and z (B, D, h, w), Eq. 3-5 (cosine, not / τ).
+        names: other class names (open vocabulary, K' of them): the same contexts, text encoder and context
+        decoder with these names instead of the training ones -> (B, K', h, w)."""
         B, D, h, w = z_dense.shape
         visual = torch.cat([z_global[:, None], z_dense.flatten(2).transpose(1, 2)], dim=1)  # (B, 1+hw, D)
         if self.cfg.prompting == "pre":
-            text = self.text_encoder(self.texts, self.prompter(visual))  # (B, K, D): per-image prompts
+            texts = self.texts if names is None else self.name_tokens(names)
+            text = self.text_encoder(texts, self.prompter(visual))  # (B, K, D): per-image prompts
         else:
-            text = self.text_features().to(z_dense.dtype).expand(B, -1, -1)  # (B, K, D)
+            text = self.text_features() if names is None else self.name_features(names)  # (1, K, D)
+            text = text.to(z_dense.dtype).expand(B, -1, -1)  # (B, K, D)
         if self.cfg.prompting == "post":
             text = text + self.gamma * self.context_decoder(text, visual)  # (B, K, D)
         with torch.autocast(z_dense.device.type, enabled=False):  # fp32 cosines (module docstring)

@@ -15,6 +15,7 @@ so official checkpoints load without renaming. Differences from the official cod
 - pre-model prompting (the paper's ablation) and an ImageNet ResNet-50 backbone are selectable.
 Shape letters: B batch, K classes, D joint dim, h w = feature grid at stride 32 (16 for ViT's z).
 """
+import functools
 import math
 from dataclasses import replace
 from typing import List, Optional, Sequence
@@ -191,9 +192,18 @@ class DenseCLIP(PixelTextMatching):
 
     # --- inference
     @torch.no_grad()
-    def slide_inference(self, images, crop: int, stride: int):
+    def score_logits(self, images, names: Optional[Sequence[str]] = None):
+        """The score map as a segmentation, s / τ at input size (B, K, H, W), as the aux loss trains it. With
+        `names` (open vocabulary): the scores of those names instead (B, K', H, W). Only the language path
+        answers for new names; the decode head knows the training classes only."""
+        _, z_global, z_dense = self.backbone.forward_dense(images)
+        return resize(self.score_map(z_global, z_dense, names).float() / self.cfg.tau, images.shape[-2:])
+
+    @torch.no_grad()
+    def slide_inference(self, images, crop: int, stride: int, forward=None):
         """Logits (B, K, H, W) averaged over overlapping crop x crop windows (mmseg's slide mode). All
-        windows have the same size (min(crop, H) x min(crop, W)), so they run as one batch."""
+        windows have the same size (min(crop, H) x min(crop, W)), so they run as one batch. forward: what
+        maps a batch to logits at its size (default: the model)."""
         B, _, H, W = images.shape
         rows = max(H - crop + stride - 1, 0) // stride + 1
         cols = max(W - crop + stride - 1, 0) // stride + 1
@@ -203,8 +213,8 @@ class DenseCLIP(PixelTextMatching):
                 y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
                 boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n*B, 3, h, w)
-        logits = self(crops).float().split(B)  # n x (B, K, h, w)
-        out = images.new_zeros((B, self.num_classes, H, W), dtype=torch.float32)
+        logits = (forward or self)(crops).float().split(B)  # n x (B, K, h, w)
+        out = images.new_zeros((B, logits[0].shape[1], H, W), dtype=torch.float32)
         count = images.new_zeros((1, 1, H, W), dtype=torch.float32)
         for (y1, y2, x1, x2), lg in zip(boxes, logits):
             out[:, :, y1:y2, x1:x2] += lg
@@ -212,29 +222,33 @@ class DenseCLIP(PixelTextMatching):
         return out / count
 
     @torch.no_grad()
-    def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None):
+    def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None,
+                names: Optional[Sequence[str]] = None):
         """Class probabilities (B, K, *out_size): softmax averaged over scale ratios and horizontal flips
         (mmseg's aug test). Scales resize the given (already test-resized) batch by each ratio. Runs in eval
-        mode (dropout off, BatchNorm running statistics) whatever mode the model is in, and restores that mode."""
+        mode (dropout off, BatchNorm running statistics) whatever mode the model is in, and restores that mode.
+        names: open vocabulary, probabilities over these names from softmax(s / τ) (score_logits), not the
+        decode head."""
         was_training = self.training
         self.eval()
         try:
-            return self._predict(images, out_size, ratios, flip, mode)
+            return self._predict(images, out_size, ratios, flip, mode, names)
         finally:
             self.train(was_training)
 
-    def _predict(self, images, out_size, ratios, flip, mode):
+    def _predict(self, images, out_size, ratios, flip, mode, names=None):
         mode = mode or self.cfg.test_mode
         if mode not in ("slide", "whole"):
             raise ConfigError(f"test mode {mode!r}: expected 'slide' or 'whole'")
+        forward = self if names is None else functools.partial(self.score_logits, names=names)
         out_size = tuple(out_size or images.shape[-2:])
         probs = 0.0
         for r in ratios:
             x = images if r == 1 else F.interpolate(images, scale_factor=r, mode="bilinear", align_corners=False)
             for flipped in (False, True) if flip else (False,):
                 xi = x.flip(-1) if flipped else x
-                logits = self.slide_inference(xi, self.cfg.test_crop, self.cfg.test_stride) if mode == "slide" \
-                    else self(xi).float()
+                logits = self.slide_inference(xi, self.cfg.test_crop, self.cfg.test_stride, forward) \
+                    if mode == "slide" else forward(xi).float()
                 p = resize(logits, out_size).softmax(dim=1)
                 probs = probs + (p.flip(-1) if flipped else p)
         return probs / (len(ratios) * (2 if flip else 1))

@@ -36,6 +36,12 @@ TINY = ["--model", "denseclip_tiny"]
 SHORT = ["--iters", "1", "--batch-size", "2", "--global-batch", "2", "--crop-size", "32", "--scale", "48", "32",
          "--val-size", "2", "--eval-interval", "0", "--workers", "0", "--set", "test_mode=whole"]
 
+# Detectors: procedural images of 32 pixels kept at that size, 4 per epoch.
+DET = ["--iters", "1", "--batch-size", "2", "--global-batch", "2", "--crop-size", "32", "--train-size", "4",
+       "--val-size", "2", "--eval-interval", "0", "--workers", "0", "--set", "min_size=32", "--set", "max_size=64"]
+COCO_TINY = ["--model", "retinanet_tiny", "--iters", "1", "--batch-size", "2", "--global-batch", "2", "--val-size",
+             "2", "--eval-interval", "0", "--workers", "0", "--set", "min_size=64", "--set", "max_size=107"]
+
 SMOKE = {
     # README.md
     "pip install -e .": [],
@@ -51,6 +57,11 @@ SMOKE = {
                                                                                      "--val-size", "2", "--workers",
                                                                                      "0"],
     "python train.py --help": [],
+    "python train.py --model retinanet_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
+    "python train.py --model retinanet_tiny": [*DET, "--out-dir", "runs/smoke"],
+    "torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained "
+    "pretrained/RN50.pt --out-dir runs/retina_r50": [*COCO_TINY, "--out-dir", "runs/smoke"],
+    "python eval.py runs/retina_r50/iter_NNNNNN.pt --out dets.json": ["--workers", "0"],
     "python bench/complexity.py": ["--configs", "denseclip_tiny", "--size", "64"],
     "python bench/throughput.py --configs denseclip_tiny fpn_tiny --iters 2 --warmup 1": [
         "--configs", "denseclip_tiny", "--iters", "1", "--warmup", "0", "--size", "64"],
@@ -64,6 +75,11 @@ SMOKE = {
     "python -m denseclip.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
     "python train.py --dataset folder --data-root data/mine --class-names data/mine/names.txt --out-dir runs/mine":
         SHORT,
+    "python train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt":
+        [*COCO_TINY, "--out-dir", "runs/smoke"],
+    "python train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt --train-ann "
+    "my/train.json --train-images my/images --val-ann my/val.json --val-images my/images":
+        [*COCO_TINY, "--out-dir", "runs/smoke"],
 }
 
 COMMAND = r"(?:python|torchrun|pip)\s"
@@ -129,6 +145,22 @@ def project(tmp_path_factory):
     state["args"]["data_root"] = None  # as if trained in this folder (the default data/ade/ADEChallengeData2016)
     torch.save(state, ckpt)
     torch.save({"state_dict": state["model"], "meta": {"iter": 80000}}, root / "denseclip_fpn_res50.pth")
+    # Detection: a COCO-format dataset as my/ (json + images) and in COCO's own layout under data/coco, and a
+    # detector checkpoint trained on it in runs/retina_r50.
+    from test_coco import make_coco_dataset
+
+    make_coco_dataset(root / "my")
+    coco = root / "data/coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(root / "my/images", coco / f"{split}2017")
+        shutil.copy(root / f"my/{split}.json", coco / f"annotations/instances_{split}2017.json")
+    out = root / "runs/retina_r50"
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(root)  # the default data root data/coco, as a user in this folder
+    train.main(["--dataset", "coco", *COCO_TINY, "--out-dir", str(out)])
+    monkeypatch.undo()
+    shutil.move(out / "iter_000001.pt", out / "iter_NNNNNN.pt")
     return root
 
 

@@ -1,0 +1,170 @@
+"""Run a trained DenseCLIP segmentor on your own images and write pictures.
+
+    python demo.py runs/demo/iter_003000.pt photos/ --out-dir demo_out                  # our checkpoint
+    python demo.py runs/demo/iter_003000.pt a.jpg --score-maps circle,star              # + score-map picture
+    python demo.py runs/demo/iter_003000.pt a.jpg --classes "disc,box,ring"             # open vocabulary
+    python demo.py denseclip_fpn_res50.pth a.jpg --model denseclip_r50                  # official checkpoint
+
+For each image (a file, or every image under a folder) it writes, under --out-dir and named after the image:
+  NAME.png          the prediction blended over the photo, with a legend (colour + name) of the classes present
+  NAME_label.png    the raw prediction: a palette PNG whose pixel values are the class indices
+  NAME_scores.png   with --score-maps: the pixel-text score map of each named class as a heat map over the photo
+Images keep their size and EXIF orientation; any PIL mode is read as RGB. Large images are segmented in
+overlapping windows of the model's test crop (slide inference).
+
+--classes (open vocabulary) segments with names the model was not trained on: they go through the trained
+contexts, the frozen text encoder and the context decoder, and each pixel takes the name with the highest score
+map value (softmax(s / τ), the path the auxiliary loss trains). The decode head is NOT used then: it has one
+output per training class and knows nothing else. Expect rough masks; the context decoder lets the names attend
+to each other, so a name's map also depends on the other names asked for; a text-free export
+(drop_text_encoder) cannot encode new names at all. The Python API is the same:
+model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
+"""
+import argparse
+import functools
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from denseclip import visualize
+from denseclip.checkpoint import load_checkpoint
+from denseclip.configs import CONFIGS, task_of
+from denseclip.data import read_class_names
+from denseclip.engine import config_overrides, palette
+from denseclip.progress import progress
+from denseclip.segmentor import build_model
+from denseclip.transforms import normalize, rescale_size, resize_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", help="train.py checkpoint, official DenseCLIP .pth, or a (text-free) state dict")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out-dir", default="demo_out")
+    p.add_argument("--model", choices=sorted(CONFIGS), help="config name (default: the checkpoint's; needed for "
+                                                              "official checkpoints)")
+    p.add_argument("--class-names", help="the model's training classes: a file (one per line) or 'a,b,c' "
+                                         "(default: the checkpoint's, else ADE20K's 150)")
+    p.add_argument("--classes", help="open vocabulary: segment with these names (comma-separated) by the score map")
+    p.add_argument("--score-maps", help="comma-separated class names whose score maps to draw (any names)")
+    p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="resize (keep ratio) to fit these bounds before inference, as the test transform (default: "
+                        "the training data's; none for procedural-data models; 2048 512 for official ones)")
+    p.add_argument("--no-resize", action="store_true", help="run at the image's own size")
+    p.add_argument("--mode", choices=["whole", "slide"],
+                   help="default: slide when the image exceeds the model's test crop, else the config's test mode")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+def checkpoint_meta(path: str):
+    """(train.py args, class names) stored in one of our checkpoints; ({}, None) for other files."""
+    try:  # mmap: only the small pickle is read, not the tensors
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, ValueError):  # TorchScript or legacy files: not ours
+        return {}, None
+    if not isinstance(obj, dict):
+        return {}, None
+    return obj.get("args", {}), obj.get("class_names")
+
+
+def load_model(args, device):
+    saved, saved_names = checkpoint_meta(args.checkpoint)
+    name = args.model or saved.get("model")
+    if name is None:
+        raise SystemExit("--model is required for checkpoints not written by train.py")
+    if task_of(name) != "segmentation":
+        raise SystemExit(f"demo.py draws segmentations; {name} is a {task_of(name)} model")
+    names = read_class_names(args.class_names if Path(args.class_names or "").is_file() else
+                             args.class_names.split(",")) if args.class_names else saved_names
+    overrides = config_overrides(saved.get("overrides", []) + args.overrides)
+    model = build_model(name, names, **overrides)
+    report = load_checkpoint(model, args.checkpoint)
+    if report.kind != "model":
+        raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor")
+    scale = None if args.no_resize else args.scale
+    if scale is None and not args.no_resize:
+        dataset = saved.get("dataset")
+        scale = None if dataset == "procedural" else saved.get("scale", [2048, 512])
+    return model.to(device).eval(), scale
+
+
+def load_photo(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, upright as the camera's EXIF orientation says; 16-bit and float greys scaled to 8 bits."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+            im = Image.fromarray(a.round().astype(np.uint8))
+        return np.array(im.convert("RGB"))
+
+
+def find_images(items) -> list:
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise SystemExit(f"{item}: no such file or folder")
+    if not paths:
+        raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, items))}")
+    return paths
+
+
+@torch.no_grad()
+def segment(model, photo: np.ndarray, device, scale=None, mode=None, names=None, score_names=None):
+    """(prediction (H, W) int64, scores (K', H, W) float or None) at the photo's size. names: open vocabulary
+    (indices then refer to names); score_names: the classes whose cosine score maps to return."""
+    H, W = photo.shape[:2]
+    small = photo if scale is None else resize_image(photo, *rescale_size(W, H, tuple(scale)))
+    x = normalize(small)[None].to(device)  # (1, 3, h, w)
+    crop = model.cfg.test_crop
+    mode = mode or ("slide" if max(x.shape[-2:]) > crop else model.cfg.test_mode)
+    pred = model.predict(x, out_size=(H, W), mode=mode, names=names)[0].argmax(0)  # (H, W)
+    scores = None
+    if score_names:
+        forward = functools.partial(model.score_logits, names=score_names)  # s / τ at the input size
+        logits = model.slide_inference(x, crop, model.cfg.test_stride, forward) if mode == "slide" else forward(x)
+        scores = torch.nn.functional.interpolate(logits * model.cfg.tau, size=(H, W), mode="bilinear",
+                                                 align_corners=False)[0]  # (K', H, W) cosine
+    return pred.cpu().numpy(), None if scores is None else scores.cpu().numpy()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, scale = load_model(args, device)
+    names = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    score_names = [n.strip() for n in args.score_maps.split(",")] if args.score_maps else None
+    class_names = names or model.class_names
+    pal = palette()
+    roots = [Path(i) for i in args.images]
+    out_dir, written = Path(args.out_dir), []
+    for path in progress(find_images(args.images), "demo"):
+        root = next((r for r in roots if r.is_dir() and r in path.parents), path.parent)
+        stem = out_dir / path.relative_to(root).with_suffix("")
+        photo = load_photo(path)
+        pred, scores = segment(model, photo, device, scale, args.mode, names, score_names)
+        picture, legend = visualize.prediction_picture(photo, pred, class_names, pal)
+        visualize.save_png(picture, f"{stem}.png", legend=legend)
+        visualize.label_png(pred, pal).save(f"{stem}_label.png")
+        written.append(f"{stem}.png")
+        if scores is not None:
+            picture, value_range = visualize.score_picture(photo, scores, score_names)
+            visualize.save_png(picture, f"{stem}_scores.png", names=score_names, range=value_range)
+    print(f"wrote {len(written)} picture(s) to {out_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
