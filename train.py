@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from denseclip import build_model
+from denseclip.activation_checkpoint import checkpoint_activations
 from denseclip.checkpoint import load_checkpoint, load_file
 from denseclip.coco import STAT_NAMES
 from denseclip.configs import CONFIGS, task_of
@@ -36,6 +37,7 @@ from denseclip.engine import (add_data_args, autocast, build_dataset, config_ove
                               prune_checkpoints, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
                               to_device, train_batches)
 from denseclip.errors import ConfigError, require_file, run_main
+from denseclip.language import PixelTextMatching
 from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
 from denseclip.preflight import check_data
 
@@ -115,6 +117,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute the image encoder's residual blocks in the backward: less memory, ~1/3 more time")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default="runs/default")
     g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any)")
@@ -193,6 +197,8 @@ def main(argv=None):
     elif cfg.clip_weights:
         print0(f"note: training {args.model} from random weights; the official recipe starts from "
                f"--pretrained pretrained/{cfg.clip_weights}")
+    if args.checkpoint_activations:
+        print0(f"activation checkpointing: {checkpoint_activations(model)} residual blocks")
     if world > 1:
         model = convert_sync_batchnorm(model, device)  # only here: SyncBN on a single process crashes (issue #24)
     model.to(device)
@@ -222,7 +228,14 @@ def main(argv=None):
         print0(f"resumed from {resume} at iteration {start_iter} (epoch {epoch}, sample {seen})")
     elif args.resume == "auto":
         print0(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch")
+    # The text encoder runs once per optimiser step, not once per micro-batch (PixelTextMatching.text_once_per_step);
+    # its backward happens after the micro-batches', outside DDP, so its parameters leave DDP's reducer and are
+    # averaged over the ranks by text_once_per_step itself.
+    matchers = [m for m in model.modules() if isinstance(m, PixelTextMatching)]
     if world > 1:
+        text_params = {id(p) for m in matchers for p in m.text_once_parameters()}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if id(p) in text_params])
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if resume and len(ckpt["rng"]) == world:
         set_rng_state(ckpt["rng"][rank])
@@ -282,18 +295,21 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_of(it, group["initial_lr"])
         step_losses = {}
-        for micro in range(accum):
-            epoch, seen, images, labels = next(batches)
-            images, labels = to_device((images, labels), device)  # detection: lists of images and target dicts
-            # Gradients are all-reduced once per optimiser step, on the last micro-batch.
-            sync = world == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast(device, args.amp):
-                    losses = model(images, labels)  # {"loss_decode"/"loss_cls", "loss_bbox", ..., "loss_aux"}
-                loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
-                scaler.scale(loss).backward()
-            for k, v in losses.items():
-                step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / accum
+        with contextlib.ExitStack() as text_once:
+            for m in matchers:
+                text_once.enter_context(m.text_once_per_step(all_reduce=world > 1))
+            for micro in range(accum):
+                epoch, seen, images, labels = next(batches)
+                images, labels = to_device((images, labels), device)  # detection: lists of images and target dicts
+                # Gradients are all-reduced once per optimiser step, on the last micro-batch.
+                sync = world == 1 or micro == accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast(device, args.amp):
+                        losses = model(images, labels)  # {"loss_decode"/"loss_cls", "loss_bbox", ..., "loss_aux"}
+                    loss = sum(losses.values()) / accum  # accumulated grads = those of the mean over the global batch
+                    scaler.scale(loss).backward()
+                for k, v in losses.items():
+                    step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / accum
         stop_if_not_finite(step_losses, it + 1, world, out_dir)  # before the update: the last checkpoint stays good
         for k, v in step_losses.items():
             sums[k] = sums.get(k, 0.0) + v

@@ -8,12 +8,18 @@ top-level names (`text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`) so 
 without renaming. Differences from the official code:
 - the text encoder is frozen with requires_grad_(False) (official: lr 0, issue #28), and at evaluation its
   output is computed once and cached (official: every forward, issue #40); `drop_text_encoder` exports it;
-- a class name longer than the token budget is a clear error naming it (official: a crash).
+- a class name longer than the token budget is a clear error naming it (official: a crash);
+- under gradient accumulation the text encoder can run once per optimiser step instead of once per micro-batch
+  (`text_once_per_step`): its output does not depend on the images, only on the contexts;
+- the score map is normalised and computed in fp32 also under autocast (s / τ reaches 1 / 0.07 ≈ 14, where
+  bf16 steps by 0.06, and the auxiliary loss reads it directly).
 Shape letters: B batch, K classes, D joint dim, h w = the dense feature grid, M learnable contexts.
 """
-from typing import Optional, Sequence
+import contextlib
+from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,6 +61,7 @@ class PixelTextMatching(nn.Module):
         self.class_names = [n.strip() for n in check_class_names(class_names)]
         self.num_classes = len(self.class_names)
         self._text_cache = None
+        self._text_step = None  # inside text_once_per_step: {"text": graph output or None, "leaf": its copy}
         if not cfg.use_text:
             return
         self.text_encoder = TextEncoder(cfg.class_token_length + cfg.num_contexts, cfg.vocab_size, cfg.text_width,
@@ -80,10 +87,59 @@ class PixelTextMatching(nn.Module):
             return self.text_embeddings
         if self._text_cache is not None:
             return self._text_cache
+        step = self._text_step
+        if step is not None and self.training:  # one text forward per optimiser step, see text_once_per_step
+            if step["leaf"] is None:
+                step["text"] = self.text_encoder(self.texts, self.contexts)  # (1, K, D), with its graph
+                # At least fp32: the leaf's gradient sums the micro-batches' in fp32 even when the text ran in bf16.
+                dtype = torch.promote_types(step["text"].dtype, torch.float32)
+                step["leaf"] = step["text"].detach().to(dtype).requires_grad_()
+            return step["leaf"].to(step["text"].dtype)
         text = self.text_encoder(self.texts, self.contexts)  # (1, K, D)
         if not self.training and not torch.is_grad_enabled():
             self._text_cache = text
         return text
+
+    def text_once_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters that text_once_per_step backpropagates into itself, outside the micro-batches'
+        backward passes (the contexts; the text encoder's too if it is not frozen). Empty when it does nothing."""
+        if not self.cfg.use_text or self.cfg.prompting == "pre" or not hasattr(self, "text_encoder"):
+            return []
+        return [p for p in [self.contexts, *self.text_encoder.parameters()] if p.requires_grad]
+
+    @contextlib.contextmanager
+    def text_once_per_step(self, all_reduce: bool = False):
+        """Gradient accumulation with one text-encoder pass per optimiser step instead of one per micro-batch.
+
+        The text features t = f(contexts) do not depend on the images. Inside this context the first training
+        forward computes t once and every micro-batch gets the same detached leaf copy of it; each micro-batch's
+        backward adds its dL/dt to the leaf's .grad. On exit, t.backward(sum of dL/dt) sends the summed gradient
+        through the text encoder once: by the chain rule the contexts' gradient is the per-micro-batch sum, up to
+        float rounding. A GradScaler's scale is already in the leaf gradients, so it carries over unchanged.
+
+        all_reduce: under DDP, pass True and keep text_once_parameters() out of DDP's reducer (its hooks only
+        see the micro-batches' backward passes); their gradients are then averaged over the ranks here, as DDP
+        averages everything else. Pre-model prompting (text depends on each image) keeps one pass per micro-batch.
+        """
+        params = self.text_once_parameters()
+        if not params:
+            yield
+            return
+        self._text_step = step = {"text": None, "leaf": None}
+        try:
+            yield
+        finally:
+            self._text_step = None
+        if step["leaf"] is None or step["leaf"].grad is None:
+            return  # no training forward used the text features
+        step["text"].backward(step["leaf"].grad.to(step["text"].dtype))
+        if all_reduce and dist.is_initialized() and dist.get_world_size() > 1:
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
 
     @torch.no_grad()
     def drop_text_encoder(self):
@@ -149,4 +205,6 @@ class PixelTextMatching(nn.Module):
             text = text.to(z_dense.dtype).expand(B, -1, -1)  # (B, K, D)
         if self.cfg.prompting == "post":
             text = text + self.gamma * self.context_decoder(text, visual)  # (B, K, D)
-        return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense, dim=1), F.normalize(text, dim=2))  # (B, K, h, w)
+        with torch.autocast(z_dense.device.type, enabled=False):  # fp32 cosines (module docstring)
+            return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense.float(), dim=1),
+                                F.normalize(text.float(), dim=2))  # (B, K, h, w)

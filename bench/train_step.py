@@ -1,0 +1,258 @@
+"""Training-step speed and memory options, each as a ratio to the plain fp32 step, measured in one run, and the
+fraction of the machine's measured matmul peak that the RN50 train step and evaluation reach.
+
+    python bench/train_step.py                              # CPU: RN50 at 512, batch 1
+    python bench/train_step.py --device cuda --batch-size 4 --memory-size 0   # a GPU, official sizes
+
+Rows (each a train step = forward + backward + AdamW step, fp32 unless named):
+  bf16 autocast; channels_last (model and input); AdamW for-loop / foreach / fused; torch.compile(model);
+  --checkpoint-activations; 4 accumulation steps with the text encoder once per optimiser step against once per
+  micro-batch (the previous behaviour); evaluation (whole image, text features cached) in fp32 and bf16.
+Memory: peak with and without activation checkpointing for RN101 and ViT-B (train step, --memory-batch images):
+torch.cuda.max_memory_allocated on GPU, on CPU the peak RSS of a fresh process per case (Python and torch
+included, so differences matter, not absolutes).
+
+FLOP rule (bench/complexity.py's: fvcore, one multiply-add = 1 flop, the same for the matmul peak: n^3 per n x n
+matmul). Image path forward F_img (per image, text encoder excluded); frozen text encoder forward F_txt (all
+classes, once). Train step = 3 F_img x B (forward, input gradients, weight gradients) + 2 F_txt per text pass
+(forward and input gradients down to the contexts: its weights are frozen, so no weight gradients) -- one text
+pass per step with text-once, one per micro-batch without. Evaluation = F_img x B (cached text).
+Fraction = counted flops / time / measured peak (fp32 peak for fp32 rows, bf16 peak for bf16 rows).
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from denseclip.activation_checkpoint import checkpoint_activations  # noqa: E402
+from denseclip.data import ADE20K_CLASSES  # noqa: E402
+from denseclip.segmentor import build_model  # noqa: E402
+
+NAMES = list(ADE20K_CLASSES)  # 150 classes
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters, warmup):
+    """Seconds per call: wall time on GPU; on CPU this process's CPU time, which other processes sharing the
+    cores do not inflate (with --threads 1 it is the single-core time; with more threads it sums them)."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = clock()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (clock() - t0) / iters
+
+
+def matmul_peak(device, dtype, n):
+    """Multiply-adds per second of an n x n matmul (best of 5)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = min(timed(lambda: a @ b, device, 1, 1 if i == 0 else 0) for i in range(5))
+    return n ** 3 / best
+
+
+def flops(name, size):
+    """(F_img per image at size x size, F_txt) in multiply-adds, counted by bench/complexity.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import complexity
+    row = complexity.measure(name, size, NAMES)
+    return row["gflops"] * 1e9, (row["text_gflops"] or 0.0) * 1e9
+
+
+def make(name, device, batch, size, channels_last=False, ckpt=False):
+    torch.manual_seed(0)
+    model = build_model(name, NAMES).to(device).train()
+    if ckpt:
+        checkpoint_activations(model)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 150, (batch, size, size), device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x, y
+
+
+def train_step_fn(model, x, y, device, amp=None, optim="default", accum=1, text_once=True):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {"default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optim]
+    opt = torch.optim.AdamW(params, lr=1e-6, **kw)
+    cast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def step():
+        with model.text_once_per_step() if text_once else contextlib.nullcontext():
+            for _ in range(accum):
+                with cast():
+                    loss = sum(model(x, y).values()) / accum
+                loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def peak_memory_child(args):
+    """One config, one train step, in this fresh process: print its peak memory (MiB) as JSON."""
+    device = torch.device(args.device)
+    model, x, y = make(args.configs[0], device, args.memory_batch, args.memory_size, ckpt=args.ckpt)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = train_step_fn(model, x, y, device)
+    step()
+    sync(device)
+    mib = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mib": mib}))
+
+
+def eval_rows(args, device, B, f_img, row):
+    """Whole-image evaluation in fp32 and bf16, text features cached."""
+    model, x, _ = make(args.config, device, B, args.size)
+    model.eval()
+    with torch.no_grad():
+        model.text_features()  # fill the cache: evaluation does not run the text encoder
+        e32 = row("eval fp32 (text cached)", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            row("eval bf16", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B, torch.bfloat16,
+                base=e32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", default="denseclip_r50")
+    p.add_argument("--size", type=int, default=512, help="train/eval crop (official RN50: 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch")
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow to compile on CPU)")
+    p.add_argument("--only-eval", action="store_true", help="only the two evaluation rows")
+    p.add_argument("--only-accumulation", action="store_true",
+                   help="only the baseline and the two 4-accumulation-step rows (text once per step or not)")
+    p.add_argument("--memory-configs", nargs="*", default=["denseclip_r101", "denseclip_vitb16"])
+    p.add_argument("--memory-size", type=int, default=256, help="crop for the memory rows (0: the config's own)")
+    p.add_argument("--memory-batch", type=int, default=4, help="images for the memory rows (official: 4 per GPU)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--configs", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return peak_memory_child(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; {args.config} at {args.size}x{args.size}, batch {args.batch_size}",
+          flush=True)
+
+    n = 8192 if device.type == "cuda" else 2048
+    peak = {None: matmul_peak(device, torch.float32, n), torch.bfloat16: matmul_peak(device, torch.bfloat16, n)}
+    print(f"matmul peak ({n}^2): fp32 {peak[None] / 1e12:.3f} T multiply-adds/s, "
+          f"bf16 {peak[torch.bfloat16] / 1e12:.3f} T", flush=True)
+    f_img, f_txt = flops(args.config, args.size)
+    B = args.batch_size
+    print(f"FLOPs (multiply-adds): image path {f_img / 1e9:.1f} G per image, frozen text encoder {f_txt / 1e9:.1f} G "
+          f"per pass", flush=True)
+
+    rows = []
+
+    def row(label, seconds, macs=None, dtype=None, images=B, base=None):
+        r = {"row": label, "s": seconds, "img_s": images / seconds,
+             "ratio": (base / seconds) if base else 1.0,
+             "frac": macs / seconds / peak[dtype] if macs else None}
+        rows.append(r)
+        frac = f"{100 * r['frac']:6.1f}%" if r["frac"] is not None else "      -"
+        print(f"{label:46s} {seconds:9.3f} {r['img_s']:9.2f} {r['ratio']:8.2f}x {frac}", flush=True)
+        return seconds
+
+    print(f"{'train step (1 micro-batch unless said)':46s} {'s/step':>9s} {'img/s':>9s} {'speed-up':>9s} "
+          f"{'of peak':>7s}")
+    train_macs = 3 * f_img * B + 2 * f_txt
+    if args.only_eval:
+        return eval_rows(args, device, B, f_img, row)
+    model, x, y = make(args.config, device, B, args.size)
+    step = train_step_fn(model, x, y, device)
+    base = row("fp32 (baseline)", timed(step, device, args.iters, args.warmup), train_macs)
+    step = train_step_fn(model, x, y, device, amp=torch.bfloat16)
+    if not args.only_accumulation:
+        row("bf16 autocast", timed(step, device, args.iters, args.warmup), train_macs, torch.bfloat16, base=base)
+    for optim in () if args.only_accumulation else ("for-loop", "foreach", "fused"):
+        step = train_step_fn(model, x, y, device, optim=optim)
+        row(f"AdamW {optim}", timed(step, device, args.iters, args.warmup), train_macs, base=base)
+    for text_once in (False, True):
+        step = train_step_fn(model, x, y, device, accum=4, text_once=text_once)
+        macs = 4 * 3 * f_img * B + 2 * f_txt * (1 if text_once else 4)
+        row(f"4 accumulation steps, text once per {'step' if text_once else 'micro-batch'}",
+            timed(step, device, max(1, args.iters // 2), args.warmup), macs, images=4 * B,
+            base=None if not text_once else rows[-1]["s"])
+    del model
+    if args.only_accumulation:
+        return rows
+    m2, x2, y2 = make(args.config, device, B, args.size, channels_last=True)
+    step = train_step_fn(m2, x2, y2, device)
+    row("channels_last", timed(step, device, args.iters, args.warmup), train_macs, base=base)
+    del m2
+    m3, x3, y3 = make(args.config, device, B, args.size, ckpt=True)
+    step = train_step_fn(m3, x3, y3, device)
+    row("--checkpoint-activations", timed(step, device, args.iters, args.warmup), train_macs, base=base)
+    del m3
+    if not args.no_compile:
+        # a private kernel cache: other processes compiling into the shared default one broke loading here
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
+        m4, x4, y4 = make(args.config, device, B, args.size)
+        compiled = torch.compile(m4)
+        params = [q for q in m4.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-6)
+
+        def cstep():
+            with m4.text_once_per_step():
+                sum(compiled(x4, y4).values()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        cstep()
+        print(f"  (torch.compile: first step incl. compilation {time.perf_counter() - t0:.1f} s wall)", flush=True)
+        row("torch.compile(model)", timed(cstep, device, args.iters, args.warmup), train_macs, base=base)
+        del m4, compiled
+
+    eval_rows(args, device, B, f_img, row)
+
+    if args.memory_configs:
+        print("\npeak memory of one train step, MiB (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "peak RSS of a fresh process") + f"), {args.memory_batch} images at "
+              f"{args.memory_size or 'the config crop'}:")
+        for name in args.memory_configs:
+            mem = {}
+            for ckpt in (False, True):
+                size = args.memory_size or build_model(name, NAMES).cfg.input_resolution
+                cmd = [sys.executable, __file__, "--child", "--configs", name, "--device", args.device,
+                       "--memory-batch", str(args.memory_batch), "--memory-size", str(size)] + \
+                    (["--ckpt"] if ckpt else []) + (["--threads", str(args.threads)] if args.threads else [])
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                mem[ckpt] = json.loads(out.strip().splitlines()[-1])["mib"]
+            print(f"  {name:20s} without {mem[False]:8.0f}  with --checkpoint-activations {mem[True]:8.0f}  "
+                  f"({mem[True] / mem[False]:.2f}x)", flush=True)
+            rows.append({"row": f"memory {name}", "without": mem[False], "with": mem[True]})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Run by tests/test_speed.py under torchrun (2 CPU processes, gloo): the gradients of one optimiser step of 2
+micro-batches per rank, text encoder once per step (text parameters outside DDP, averaged by text_once_per_step)
+against DDP's own per-micro-batch text path. Writes the relative differences and rank 0/1 contexts gradients."""
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's denseclip, not an installed one
+
+from denseclip.data import SHAPE_CLASSES  # noqa: E402
+from denseclip.segmentor import build_model  # noqa: E402
+
+
+def step_grads(text_once: bool, rank: int):
+    torch.manual_seed(0)  # the same weights on both ranks and in both modes
+    model = build_model("denseclip_tiny", SHAPE_CLASSES, head_dropout=0.0, decoder_dropout=0.0).train()
+    if text_once:
+        ignore = [n for n, p in model.named_parameters() if any(p is q for q in model.text_once_parameters())]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    ddp = DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
+    with model.text_once_per_step(all_reduce=True) if text_once else contextlib.nullcontext():
+        for micro in range(2):
+            images = torch.randn(1, 3, 64, 64, generator=gen)
+            labels = torch.randint(0, len(SHAPE_CLASSES), (1, 64, 64), generator=gen)
+            with ddp.no_sync() if micro == 0 else contextlib.nullcontext():
+                (sum(ddp(images, labels).values()) / 2).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ref, once = step_grads(False, rank), step_grads(True, rank)
+    rel = {n: ((once[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref.items()}
+    contexts = [torch.zeros_like(once["contexts"]) for _ in range(2)]
+    dist.all_gather(contexts, once["contexts"])
+    if rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"rel": rel, "missing": sorted(set(ref) ^ set(once)),
+                       "contexts_rank_diff": (contexts[0] - contexts[1]).abs().max().item(),
+                       "contexts_norm": contexts[0].norm().item()}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
