@@ -36,7 +36,7 @@ from denseclip.data import read_class_names
 from denseclip.engine import config_overrides, palette
 from denseclip.progress import progress
 from denseclip.segmentor import build_model
-from denseclip.transforms import normalize, rescale_size, resize_image
+from denseclip.transforms import normalize, rescale_size, resize_image, to_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -126,7 +126,7 @@ def segment(model, photo: np.ndarray, device, scale=None, mode=None, names=None,
     """(prediction (H, W) int64, scores (K', H, W) float or None) at the photo's size. names: open vocabulary
     (indices then refer to names); score_names: the classes whose cosine score maps to return."""
     H, W = photo.shape[:2]
-    small = photo if scale is None else resize_image(photo, *rescale_size(W, H, tuple(scale)))
+    small = photo if scale is None else resize_image(to_tensor(photo), *rescale_size(W, H, tuple(scale)))  # uint8
     x = normalize(small)[None].to(device)  # (1, 3, h, w)
     crop = model.cfg.test_crop
     mode = mode or ("slide" if max(x.shape[-2:]) > crop else model.cfg.test_mode)
