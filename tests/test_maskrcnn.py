@@ -294,8 +294,10 @@ def test_official_maskrcnn_checkpoint_loads_with_every_key_accounted_for(tmp_pat
                                                         sd["roi_head.mask_head.upsample.bias"], stride=2))
     logits = torch.nn.functional.conv2d(y, sd["roi_head.mask_head.conv_logits.weight"],
                                         sd["roi_head.mask_head.conv_logits.bias"])
-    # the random-weight logits reach ~1e6: compare relatively (fp32 sums in another order differ by ~1e-7)
-    assert ours.shape == (2, K + 1, 28, 28) and torch.allclose(ours[:, 1:], logits, rtol=1e-5, atol=1e-4)
+    # the random-weight logits reach ~1e6: compare to their scale (fp32 sums in another order differ by ~1e-7 of it,
+    # also on elements near 0)
+    assert ours.shape == (2, K + 1, 28, 28)
+    assert (ours[:, 1:] - logits).abs().max() <= 1e-5 * logits.abs().max()
 
 
 def test_official_full_size_layout_maps_onto_our_model():
