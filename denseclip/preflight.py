@@ -29,6 +29,7 @@ from . import data
 from .configs import task_of
 from .engine import add_data_args, dataset_class_names, split_files
 from .errors import DataError, run_main
+from .progress import progress
 from .transforms import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -133,12 +134,13 @@ def check_split(name: str, files, num_classes: int, decode: str, findings: Findi
         findings.add(f"{name} image(s) with another extension than --img-suffix {img_suffix} (not used)", p)
     for ann in no_image:
         findings.add(f"{name} label(s) without an image (expected <same stem>{img_suffix} under {img_dir})", ann)
-    for problem in pool.map(_header, pairs):
+    for problem in progress(pool.map(_header, pairs), f"scan {name}", total=len(pairs)):  # a terminal only
         if problem:
             findings.add(*problem)
     if decode != "none":
         work = pairs[:limit]
-        for found in pool.map(lambda p: _decode(p, num_classes, reduce_zero_label, decode == "all"), work):
+        decoded = pool.map(lambda p: _decode(p, num_classes, reduce_zero_label, decode == "all"), work)
+        for found in progress(decoded, f"decode {name}", total=len(work)):
             for problem in found:
                 findings.add(*problem)
     return len(pairs)
