@@ -7,7 +7,7 @@
     -> RetinaHead, anchors, focal + L1 losses, box coding, NMS                          torchvision
     loss_aux = BCE(s / τ upsampled to stride 4, box targets), averaged over covered cells
 
-Mirrors the official `DenseCLIP_RetinaNet` (detection/denseclip/denseclip.py) with mmdet 2.17's `FPN`; parameter
+Mirrors the official `DenseCLIP_RetinaNet` (detection/denseclip/denseclip.py) with mmdet 2.17's `FPN` (fpn.py); parameter
 names are the official ones (`backbone.*`, `text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`,
 `neck.lateral_convs.0.conv.*`, `neck.fpn_convs.3.conv.*`) except the head, which is torchvision's
 (`head.classification_head.*`; checkpoint.py maps mmdet's `bbox_head.*` onto it). Differences from the official
@@ -17,76 +17,22 @@ the aux loss uses the logits form of the BCE and is 0, not NaN, for a batch with
 Shape letters: B batch, K classes, D joint dim, h w = stride-32 grid, A anchors per position.
 """
 import math
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .clip import ModifiedResNet
 from .configs import CONFIGS, DetectionConfig, check_config
+from .fpn import FPN
 from .language import PixelTextMatching
 from .transforms import CLIP_MEAN, CLIP_STD
 
 AUX_STRIDE = 4  # the aux targets live on the stage-1 grid (official build_seg_target: H // 4, boxes / 4)
-
-
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Module:
-    """A bare conv under mmcv ConvModule's name `conv` (mmdet's FPN has neither norm nor activation)."""
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2)))
-
-
-class FPN(nn.Module):
-    """mmdet 2.17's FPN (Lin et al. 2017). Laterals (1x1) on inputs start_level.., nearest top-down sum, 3x3
-    outputs; then num_outs - len(laterals) extra levels: with add_extra_convs a stride-2 3x3 conv on the last
-    input ("on_input", RetinaNet: P6 from C5), the last lateral or the last output, followed by stride-2 3x3 convs
-    on the previous extra level (ReLU before them only if relu_before_extra_convs); without it a stride-2
-    subsampling of the last output (Mask R-CNN's P6, F.max_pool2d(x, 1, stride=2)). Xavier-uniform init, zero
-    bias. Differs from torchvision's FeaturePyramidNetwork + LastLevelP6P7, which always puts a ReLU before P7."""
-
-    def __init__(self, in_channels: Sequence[int], out_channels: int, num_outs: int, start_level: int = 0,
-                 add_extra_convs: str = "", relu_before_extra_convs: bool = False):
-        super().__init__()
-        if add_extra_convs not in ("", "on_input", "on_lateral", "on_output"):
-            raise ValueError(f"add_extra_convs must be '', 'on_input', 'on_lateral' or 'on_output', not "
-                             f"{add_extra_convs!r}")
-        n = len(in_channels) - start_level
-        if num_outs < n:
-            raise ValueError(f"num_outs {num_outs} < {n} levels from start_level {start_level}")
-        self.start_level, self.num_outs = start_level, num_outs
-        self.add_extra_convs, self.relu_before_extra_convs = add_extra_convs, relu_before_extra_convs
-        self.lateral_convs = nn.ModuleList(_conv(c, out_channels, 1) for c in in_channels[start_level:])
-        self.fpn_convs = nn.ModuleList(_conv(out_channels, out_channels, 3) for _ in range(n))
-        if add_extra_convs:
-            for i in range(num_outs - n):
-                cin = in_channels[-1] if i == 0 and add_extra_convs == "on_input" else out_channels
-                self.fpn_convs.append(_conv(cin, out_channels, 3, stride=2))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
-        lat = [conv(f) for conv, f in zip(self.lateral_convs, feats[self.start_level:])]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-        n = len(lat)
-        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat)]
-        if not self.add_extra_convs:
-            while len(outs) < self.num_outs:
-                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-            return outs
-        if self.num_outs > n:
-            source = {"on_input": feats[-1], "on_lateral": lat[-1], "on_output": outs[-1]}[self.add_extra_convs]
-            outs.append(self.fpn_convs[n](source))
-            for conv in self.fpn_convs[n + 1:]:
-                outs.append(conv(F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]))
-        return outs
 
 
 class MMDetAnchorGenerator(AnchorGenerator):

@@ -9,7 +9,8 @@
 Mirrors the official `DenseCLIP` segmentor plus mmseg's `FPN` neck and `FPNHead`, with the same
 parameter names (`neck.lateral_convs.0.conv.weight`, `decode_head.scale_heads.1.0.bn.weight`, ...)
 so official checkpoints load without renaming. Differences from the official code:
-- no mmcv/mmseg: the neck, head, losses and slide inference are written out here;
+- no mmcv/mmseg: the head, losses and slide inference are written out here, the neck in fpn.py (shared
+  with detection);
 - the text side (frozen text encoder, cached at evaluation; contexts; context decoder; score map) is
   language.py's, shared with detection;
 - pre-model prompting (the paper's ablation) and an ImageNet ResNet-50 backbone are selectable.
@@ -18,7 +19,7 @@ Shape letters: B batch, K classes, D joint dim, h w = feature grid at stride 32 
 import functools
 import math
 from dataclasses import replace
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from .clip import AttentionPool2d, ModifiedResNet, VisionTransformer
 from .configs import CONFIGS, DenseCLIPConfig, check_config
 from .errors import ConfigError
+from .fpn import FPN
 from .language import PixelTextMatching
 
 
@@ -48,25 +50,6 @@ class ConvModule(nn.Module):
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x, inplace=True) if self.act else x
-
-
-class FPN(nn.Module):
-    """mmseg's FPN neck (num_outs = number of inputs): 1x1 laterals, nearest top-down, 3x3 outputs."""
-
-    def __init__(self, in_channels: Sequence[int], out_channels: int):
-        super().__init__()
-        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(ConvModule(out_channels, out_channels, 3) for _ in in_channels)
-        for m in self.modules():  # mmseg's FPN init: Xavier-uniform convs
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
-        lat = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-        return [conv(x) for conv, x in zip(self.fpn_convs, lat)]
 
 
 class FPNHead(nn.Module):

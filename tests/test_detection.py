@@ -12,7 +12,8 @@ import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_retina_head_to_ours
 from denseclip.clip import AttentionPool2d
 from denseclip.configs import CONFIGS, task_of
-from denseclip.detection import FPN, MMDetAnchorGenerator, box_seg_loss, box_seg_targets
+from denseclip.fpn import FPN
+from denseclip.detection import MMDetAnchorGenerator, box_seg_loss, box_seg_targets
 from denseclip.optim import CUSTOM_KEYS, param_rule
 
 from peers import tiny_openai_clip
