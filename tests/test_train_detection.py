@@ -101,5 +101,9 @@ def test_detection_recipe_is_the_default_for_detectors():
     assert (args.lr, args.weight_decay, args.backbone_lr_mult, args.clip_grad) == (1e-4, 1e-4, 0.1, 0.1)
     assert (args.epochs, args.lr_steps, args.warmup_iters) == (12, [8, 11], 500)
     assert (args.batch_size, args.global_batch, args.iters) == (2, 16, None)  # iters: 12 epochs of the data
+    # the official Mask R-CNN configs (CLIP and DenseCLIP, R50 and R101) double RetinaNet's lr, nothing else
+    for name in ("maskrcnn_denseclip_r50", "maskrcnn_clip_r101"):
+        mask = train.parse_args(["--model", name, "--dataset", "coco"])
+        assert vars(mask) == {**vars(args), "model": name, "lr": 2e-4}
     seg = train.parse_args(["--model", "denseclip_r50", "--dataset", "ade20k"])
     assert (seg.lr, seg.iters, seg.batch_size, seg.global_batch, seg.clip_grad) == (1e-4, 80000, 4, 32, None)
