@@ -9,7 +9,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from .errors import ConfigError
@@ -51,10 +50,32 @@ def reduce_mean(values: dict, world: int) -> dict:
     return dict(zip(values, stacked.tolist()))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all-reduce (sum): y = sum_r x_r on every rank, so dL/dx_r = sum_r' dL/dy_r' -- the
+    backward is the same all-reduce of the incoming gradients. (torch.distributed.nn.functional.all_reduce does
+    this too, but is deprecated in favour of a private module.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """nn.SyncBatchNorm for CPU processes (gloo), which PyTorch's does not support: training statistics over the
     global batch from all-reduced per-channel sums (two passes: mean, then squared deviations), differentiable
-    through torch.distributed.nn's all_reduce. Same parameters and buffers as BatchNorm, so checkpoints match."""
+    through all_reduce_sum. Same parameters and buffers as BatchNorm, so checkpoints match."""
 
     def _check_input_dim(self, input):
         pass
@@ -65,9 +86,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         x = input.float()  # statistics in fp32, also under autocast
         dims = [d for d in range(x.dim()) if d != 1]  # all but channels
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = dist_fn.all_reduce(torch.tensor(float(x.numel() // x.shape[1])))
-        mean = dist_fn.all_reduce(x.sum(dims)) / count
-        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, for normalising
+        count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1])))
+        mean = all_reduce_sum(x.sum(dims)) / count
+        var = all_reduce_sum(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased, for normalising
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
