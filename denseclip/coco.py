@@ -20,6 +20,7 @@ Differences from mmdet, on purpose:
 import contextlib
 import copy
 import io
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -31,18 +32,56 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .data import SHAPE_CLASSES, ProceduralShapes, read_image, render_shapes, sample_rng
+from .errors import DataError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval
+# The fields of each entry that pycocotools' index and this loader read (a missing one is a KeyError mid-run);
+# COCOeval also reads a ground-truth annotation's iscrowd and area.
+FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations": ("id", "image_id", "category_id", "bbox"),
+          "categories": ("id", "name")}
+EVAL_FIELDS = ("iscrowd", "area")
 
 
-def quiet_coco(dataset: Optional[dict] = None, ann_file=None) -> COCO:
-    """A pycocotools COCO from a file or an in-memory dict, without its progress prints on every rank."""
+def quiet_coco(dataset: dict) -> COCO:
+    """A pycocotools COCO of an in-memory COCO-format dict, without its progress prints on every rank."""
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(ann_file) if ann_file else None)
-        if dataset is not None:
-            coco.dataset = dataset
-            coco.createIndex()
+        coco = COCO()
+        coco.dataset = dataset
+        coco.createIndex()
     return coco
+
+
+def is_box(bbox) -> bool:
+    """[x, y, w, h] numbers, as COCO stores a box."""
+    return isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+
+
+def read_coco_json(path, evaluated: bool = False) -> COCO:
+    """The COCO-format json at `path` as a pycocotools COCO. DataError naming the file when it is not JSON, lacks
+    the images / annotations / categories lists, or has entries without the fields in FIELDS (a bbox of 4
+    numbers; evaluated: also EVAL_FIELDS, which COCOeval reads), counting them and showing the first."""
+    try:
+        with open(path, "rb") as f:
+            dataset = json.load(f)
+    except ValueError as e:  # json's decode errors and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    missing = [k for k in FIELDS if not isinstance(dataset, dict) or not isinstance(dataset.get(k), list)]
+    if missing:
+        raise DataError(f"{path} has no {' / '.join(map(repr, missing))} list; a COCO-format json is an object with "
+                        "'images', 'annotations' and 'categories' lists (see data/README.md)")
+    problems = []
+    for key, fields in FIELDS.items():
+        fields += EVAL_FIELDS if evaluated and key == "annotations" else ()
+        bad = [e for e in dataset[key] if not isinstance(e, dict) or any(f not in e for f in fields) or
+               (key == "annotations" and not is_box(e["bbox"]))]
+        if bad:
+            needs = ", ".join(f"{f} (4 numbers)" if f == "bbox" else f for f in fields)
+            needs += " (COCOeval reads them)" if evaluated and key == "annotations" else ""
+            problems.append(f"{len(bad)} of its {len(dataset[key])} {key} lack one of {needs} (the first: "
+                            f"{str(bad[0])[:200]})")
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems))
+    return quiet_coco(dataset)
 
 
 def to_image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -68,7 +107,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"annotation file {ann_file} not found; see data/README.md for the layout")
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.img_dir} does not exist; see data/README.md")
-        self.coco = quiet_coco(ann_file=ann_file)
+        self.coco = read_coco_json(ann_file, evaluated=not train)  # validation is scored by COCOeval
         self.cat_ids = sorted(self.coco.getCatIds())  # class k <-> COCO id cat_ids[k] (COCO's ids skip numbers)
         self.label_of = {c: k for k, c in enumerate(self.cat_ids)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]

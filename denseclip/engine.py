@@ -71,8 +71,8 @@ def add_data_args(p: argparse.ArgumentParser):
                                                   "detection 2000)")
     g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
     g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
-                   help="pre-flight before the first step: quick (default: pairs, sizes from headers, validation "
-                        "labels decoded), full (decode every file, in parallel), off")
+                   help="pre-flight before the first step: quick (default: files paired / listed, sizes from "
+                        "headers, validation labels decoded), full (decode every file, in parallel), off")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
 
@@ -118,6 +118,14 @@ def split_files(args, split: str):
     root, sub = Path(args.data_root), args.train_split if train else args.val_split
     return root / args.img_dir / sub, root / args.ann_dir / sub, args.img_suffix, args.seg_suffix, \
         args.reduce_zero_label
+
+
+def coco_files(args, split: str):
+    """(image folder, annotation json) of the train or val split of --dataset coco: the --train-* / --val-*
+    options, or COCO 2017's layout under --data-root (default data/coco)."""
+    train, root = split == "train", Path(args.data_root or "data/coco")
+    ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
+    return Path((args.train_images if train else args.val_images) or root / f"{split}2017"), Path(ann)
 
 
 def dataset_class_names(args) -> list:
@@ -167,9 +175,7 @@ def build_detection_dataset(args, split: str, model_cfg):
     if args.dataset != "coco":
         raise ConfigError(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
                          "--dataset coco (COCO or a COCO-format json) or procedural")
-    root = Path(args.data_root or "data/coco")
-    ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
-    images = (args.train_images if train else args.val_images) or root / f"{split}2017"
+    images, ann = coco_files(args, split)
     dataset = coco.CocoDetection(images, ann, train=train, seed=args.seed, masks=masks)
     dataset.ids = dataset.ids[:n]
     return dataset

@@ -19,15 +19,17 @@ drawn, and an image without a label is silently dropped.
 import argparse
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from . import data
+from . import coco, data
 from .configs import task_of
-from .engine import add_data_args, dataset_class_names, split_files
+from .engine import add_data_args, coco_files, dataset_class_names, split_files
 from .errors import DataError, run_main
 from .progress import progress
 from .transforms import IGNORE_INDEX
@@ -103,17 +105,20 @@ def label_problem(path, num_classes: int, reduce_zero_label: bool):
     return None
 
 
+def _corrupt(img):
+    """("corrupt image(s)", message) when the image cannot be decoded as the loader decodes it, else None."""
+    try:
+        data.read_image(img)
+    except DataError as e:
+        return "corrupt image(s)", f"{img}: {e.__cause__ or e}"
+    return None
+
+
 def _decode(pair, num_classes: int, reduce_zero_label: bool, images: bool):
     """Problems found by decoding the label (and the image): [(kind, message)]."""
     img, ann = pair
-    found = []
-    if images:
-        try:
-            data.read_image(img)
-        except data.DataError as e:
-            found.append(("corrupt image(s)", f"{img}: {e.__cause__ or e}"))
-    problem = label_problem(ann, num_classes, reduce_zero_label)
-    return found + [problem] if problem else found
+    found = [_corrupt(img) if images else None, label_problem(ann, num_classes, reduce_zero_label)]
+    return [problem for problem in found if problem]
 
 
 def check_split(name: str, files, num_classes: int, decode: str, findings: Findings, pool, limit=None) -> int:
@@ -146,32 +151,133 @@ def check_split(name: str, files, num_classes: int, decode: str, findings: Findi
     return len(pairs)
 
 
-def _run(args, min_train: int, splits) -> str:
-    t0 = time.time()
-    if args.dataset == "procedural":
-        return "data pre-flight: built-in procedural data, nothing to check"
-    model = getattr(args, "model", None)  # the standalone command has none
-    if args.dataset not in ("ade20k", "folder") or (model and task_of(model) == "detection"):
-        return f"data pre-flight: covers segmentation data only; {args.dataset} files are checked as they load"
-    names = dataset_class_names(args)
-    findings, counts = Findings(), {}
-    with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
-        for split in splits:
-            decode = "all" if args.check_data == "full" else "labels" if split == "val" else "none"
-            limit = (args.val_size or None) if split == "val" else None
-            counts[split] = check_split(split, split_files(args, split), len(names), decode, findings, pool, limit)
+def check_segmentation(args, min_train: int, splits, findings: Findings, pool) -> str:
+    """Check ade20k / folder data (see the module docstring); return the summary's counts."""
+    names, counts = dataset_class_names(args), {}
+    for split in splits:
+        decode = "all" if args.check_data == "full" else "labels" if split == "val" else "none"
+        limit = (args.val_size or None) if split == "val" else None
+        counts[split] = check_split(split, split_files(args, split), len(names), decode, findings, pool, limit)
     if "train" in counts and counts["train"] and counts["train"] < min_train:
         findings.add("too few training samples", f"{counts['train']} pairs make no micro-batch of {min_train} "
                      "(--batch-size x processes); lower --batch-size or add data")
     if "val" in counts and counts["val"] == 0 and not findings:
         findings.add("empty validation split", f"no images in {split_files(args, 'val')[0]}")
+    what = "every file decoded" if args.check_data == "full" else "sizes from headers, validation labels decoded"
+    return ", ".join(f"{n} {s} pairs" for s, n in counts.items()) + f" OK ({what})"
+
+
+# ---------------------------------------------------------------------------- COCO-format detection data
+def _listed(path: Path, size, ann: Path, missing: str):
+    """(kind, message) of the first problem of an image listed in `ann` with `size` (w, h), seen from its
+    header, or None."""
+    try:
+        with Image.open(path) as im:
+            upright = data.oriented_size(im)
+    except FileNotFoundError:
+        return missing, path
+    except (OSError, ValueError, SyntaxError) as e:
+        return "unreadable image(s)", f"{path}: {e}"
+    if upright != tuple(size):
+        return ("image(s) whose size differs from their annotation file",
+                f"{path} is {upright[0]}x{upright[1]} (upright) but {ann} says {size[0]}x{size[1]}")
+    return None
+
+
+def check_coco_split(name: str, files, full: bool, findings: Findings, pool):
+    """Check one split of COCO-format data; add what is wrong to `findings`; return its dataset as the loader
+    builds it (coco.CocoDetection), or None when it cannot be built."""
+    images, ann = files
+    missing = [f"{p} ({name} {what})" for p, what, ok in ((ann, "annotation file", ann.is_file()),
+                                                           (images, "image folder", images.is_dir())) if not ok]
+    for item in missing:
+        findings.add("missing file(s) or folder(s)", f"{item}; see data/README.md for the layout")
+    dataset = None
+    try:
+        dataset = None if missing else coco.CocoDetection(images, ann, train=name == "train")
+    except DataError as e:  # not JSON, no images / annotations / categories, entries without their fields
+        findings.add("unusable annotation file(s)", e)
+    if dataset is None:
+        return None
+    gt = dataset.coco
+    for a in gt.dataset["annotations"]:
+        for key, known, where in (("image_id", gt.imgs, "images"), ("category_id", gt.cats, "categories")):
+            if a[key] not in known:  # the loader never sees it: an annotation silently lost
+                findings.add(f"{name} annotation(s) in {ann} whose {key} is not in its {where}",
+                             f"annotation id {a['id']}: {key} {a[key]}")
+        if a["id"] == 0 and name == "val":
+            findings.add(f"annotation(s) with id 0 in {ann} (COCOeval reads id 0 as 'no match': detections of "
+                         "it would count as false positives)", a)
+    for key, what in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
+        for i, n in Counter(e["id"] for e in gt.dataset[key]).items():
+            if n > 1:
+                findings.add(f"duplicate {what} id(s) in {ann} (pycocotools keeps only the last)", f"id {i}: {n}x")
+    jobs = [(images / gt.imgs[i]["file_name"], (gt.imgs[i]["width"], gt.imgs[i]["height"])) for i in dataset.ids]
+    lost = f"{name} image(s) listed in {ann} but missing under {images}"
+    headers = list(progress(pool.map(lambda job: _listed(*job, ann, lost), jobs), f"scan {name}", total=len(jobs)))
+    for problem in filter(None, headers):
+        findings.add(*problem)
+    if full:  # files whose header failed are reported already
+        decodable = [path for (path, _), problem in zip(jobs, headers) if problem is None]
+        for problem in progress(pool.map(_corrupt, decodable), f"decode {name}", total=len(decodable)):
+            if problem:
+                findings.add(*problem)
+    return dataset
+
+
+def check_coco(args, min_train: int, splits, findings: Findings, pool) -> str:
+    """Check --dataset coco (see the module docstring); return the summary's counts."""
+    files = {split: coco_files(args, split) for split in splits}
+    sets = {s: check_coco_split(s, files[s], args.check_data == "full", findings, pool) for s in splits}
+    train, val = sets.get("train"), sets.get("val")
+    if train is not None and len(train) < min_train:
+        findings.add("too few training samples", f"{len(train)} training images with a usable box make no "
+                     f"micro-batch of {min_train} (--batch-size x processes); lower --batch-size or add data")
+    if val is not None and len(val) == 0:
+        findings.add("empty validation split", f"no images in {files['val'][1]}")
+    cats = {s: {c: x["name"] for c, x in d.coco.cats.items()} for s, d in sets.items() if d is not None}
+    if len(cats) == 2:
+        a, b = cats["train"], cats["val"]
+        for c in sorted(a.keys() | b.keys()):
+            if a.get(c) != b.get(c):
+                findings.add(f"category id(s) that differ between {files['train'][1]} and {files['val'][1]} (the "
+                             "model would be scored on classes it did not learn)",
+                             f"id {c}: {a[c]!r} in training, {b[c]!r} in validation" if c in a and c in b else
+                             f"id {c}: only in {'training' if c in a else 'validation'} ({a.get(c, b.get(c))!r})")
+    if findings:
+        return ""
+    counts = []
+    for split, dataset in sets.items():
+        counts.append(f"{split} {len(dataset.coco.imgs)} images")
+        if split == "train":  # what the loader drops or clips is no error: counted with its own rule
+            n = len(dataset.coco.anns)
+            unused = n - sum(len(dataset.annotations(i)[2]) for i in dataset.coco.imgs)
+            counts[-1] += (f" ({len(dataset)} with a usable box; {unused} of {n} annotations unused: crowd, "
+                           "degenerate or outside the image)")
+    what = "every image decoded" if args.check_data == "full" else "files and sizes from headers"
+    return ", ".join(counts) + f", {len(next(iter(cats.values())))} categories OK ({what})"
+
+
+# ---------------------------------------------------------------------------------------------- driver
+OPTIONS = {"coco": "--data-root, --train-ann, --train-images, --val-ann, --val-images",
+           "segmentation": "--data-root, --img-suffix, --seg-suffix, --reduce-zero-label, --class-names"}
+
+
+def _run(args, min_train: int, splits) -> str:
+    t0 = time.time()
+    if args.dataset == "procedural":
+        return "data pre-flight: built-in procedural data, nothing to check"
+    model = getattr(args, "model", None)  # the standalone command has none
+    if model and (task_of(model) == "detection") != (args.dataset == "coco"):
+        return f"data pre-flight: skipped, {args.dataset} data does not suit {model}"  # build_dataset says why
+    task = "coco" if args.dataset == "coco" else "segmentation"
+    findings = Findings()
+    with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
+        summary = (check_coco if task == "coco" else check_segmentation)(args, min_train, splits, findings, pool)
     if findings:
         raise DataError(f"data pre-flight ({args.check_data}) found problems; fix the files or the data options "
-                        f"(--data-root, --img-suffix, --seg-suffix, --reduce-zero-label, --class-names; see "
-                        f"data/README.md), nothing was trained:\n{findings.format()}")
-    what = "every file decoded" if args.check_data == "full" else "sizes from headers, validation labels decoded"
-    return (f"data pre-flight ({args.check_data}): " + ", ".join(f"{n} {s} pairs" for s, n in counts.items()) +
-            f" OK ({what}) in {time.time() - t0:.1f} s")
+                        f"({OPTIONS[task]}; see data/README.md), nothing was trained:\n{findings.format()}")
+    return f"data pre-flight ({args.check_data}): {summary} in {time.time() - t0:.1f} s"
 
 
 def check_data(args, min_train: int = 1, splits=("train", "val")) -> str:
