@@ -4,17 +4,27 @@ train.py and eval.py call `check_data` before building the model; `python -m den
 checks alone (decoding every file by default):
 
     python -m denseclip.preflight --dataset folder --data-root data/mine --class-names names.txt
+    python -m denseclip.preflight --dataset coco --data-root data/coco
 
-quick (the scripts' default): every image has a label and every label an image; image files with another extension
-than --img-suffix; image and label sizes equal, read from the file headers (EXIF orientation applied to the image,
-as the loader does), not by decoding; labels single-channel; enough samples for one micro-batch; and the validation
-labels, read at every evaluation, fully decoded with their values checked against the classes.
-full: also decode every training image and label (corrupt files, label values outside the classes).
+Segmentation (ade20k, folder), quick (the scripts' default): every image has a label and every label an image;
+image files with another extension than --img-suffix; image and label sizes equal, read from the file headers (EXIF
+orientation applied to the image, as the loader does), not by decoding; labels single-channel; enough samples for
+one micro-batch; and the validation labels, read at every evaluation, fully decoded with their values checked
+against the classes. full: also decode every training image and label (corrupt files, label values outside the
+classes).
+COCO-format detection (coco), quick: each json parses as the loader reads it (coco.read_coco_json: JSON, the
+images / annotations / categories lists, the fields read of every entry); no annotation points to an unknown image
+or category (the loader would silently lose it), no id repeats (pycocotools keeps the last), no validation
+annotation has id 0 (COCOeval's 'no match'); training and validation have the same categories (ids and names);
+every image the loader reads (training: those with a usable box; validation: all) exists, its upright size from
+the header equal to the json's width x height (the loader refuses it otherwise); enough training images with a
+usable box for one micro-batch. Crowd, degenerate and out-of-image boxes are no error (the loader drops or clips
+them, as mmdet): the summary counts them. full: also decode every image.
 Files are read by a thread pool (Pillow decodes without the GIL; on network file systems the latency overlaps).
 Under torchrun rank 0 checks and every rank raises the same error.
 
-No upstream counterpart: mmseg reads nothing before the first iteration, so a bad file stops a run when it is first
-drawn, and an image without a label is silently dropped.
+No upstream counterpart: mmseg / mmdet read nothing before the first iteration, so a bad file stops a run when it is
+first drawn (or, for validation, at the first evaluation), and an image without a label is silently dropped.
 """
 import argparse
 import os
@@ -188,16 +198,15 @@ def check_coco_split(name: str, files, full: bool, findings: Findings, pool):
     """Check one split of COCO-format data; add what is wrong to `findings`; return its dataset as the loader
     builds it (coco.CocoDetection), or None when it cannot be built."""
     images, ann = files
-    missing = [f"{p} ({name} {what})" for p, what, ok in ((ann, "annotation file", ann.is_file()),
-                                                           (images, "image folder", images.is_dir())) if not ok]
-    for item in missing:
-        findings.add("missing file(s) or folder(s)", f"{item}; see data/README.md for the layout")
-    dataset = None
+    for path, what, ok in ((ann, "annotation file", ann.is_file()), (images, "image folder", images.is_dir())):
+        if not ok:
+            findings.add("missing file(s) or folder(s)", f"{path} ({name} {what}); see data/README.md for the layout")
+    if not (ann.is_file() and images.is_dir()):
+        return None
     try:
-        dataset = None if missing else coco.CocoDetection(images, ann, train=name == "train")
+        dataset = coco.CocoDetection(images, ann, train=name == "train")
     except DataError as e:  # not JSON, no images / annotations / categories, entries without their fields
         findings.add("unusable annotation file(s)", e)
-    if dataset is None:
         return None
     gt = dataset.coco
     for a in gt.dataset["annotations"]:
@@ -206,8 +215,8 @@ def check_coco_split(name: str, files, full: bool, findings: Findings, pool):
                 findings.add(f"{name} annotation(s) in {ann} whose {key} is not in its {where}",
                              f"annotation id {a['id']}: {key} {a[key]}")
         if a["id"] == 0 and name == "val":
-            findings.add(f"annotation(s) with id 0 in {ann} (COCOeval reads id 0 as 'no match': detections of "
-                         "it would count as false positives)", a)
+            findings.add(f"annotation(s) with id 0 in {ann} (COCOeval reads id 0 as 'no match': a detection "
+                         "matched to it would count as a false positive)", a)
     for key, what in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
         for i, n in Counter(e["id"] for e in gt.dataset[key]).items():
             if n > 1:
@@ -245,7 +254,7 @@ def check_coco(args, min_train: int, splits, findings: Findings, pool) -> str:
                              f"id {c}: {a[c]!r} in training, {b[c]!r} in validation" if c in a and c in b else
                              f"id {c}: only in {'training' if c in a else 'validation'} ({a.get(c, b.get(c))!r})")
     if findings:
-        return ""
+        return ""  # _run raises
     counts = []
     for split, dataset in sets.items():
         counts.append(f"{split} {len(dataset.coco.imgs)} images")
@@ -301,8 +310,10 @@ def check_data(args, min_train: int = 1, splits=("train", "val")) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a segmentation dataset: every file paired, readable, of matching "
-                                            "size, with label values inside the classes.")
+    p = argparse.ArgumentParser(description="Check a dataset before training: segmentation (every file paired, "
+                                            "readable, of matching size, with label values inside the classes) or "
+                                            "COCO-format detection (the jsons consistent, every image listed there, "
+                                            "readable, of the size the json says).")
     add_data_args(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (x processes) to expect")
     p.set_defaults(check_data="full")

@@ -86,6 +86,9 @@ SMOKE = {
     # data/README.md
     "python -m denseclip.preflight --dataset ade20k": [],
     "python -m denseclip.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
+    "python -m denseclip.preflight --dataset coco": [],
+    "python -m denseclip.preflight --dataset coco --train-ann my/train.json --train-images my/images --val-ann "
+    "my/val.json --val-images my/images": [],
     "python train.py --dataset folder --data-root data/mine --class-names data/mine/names.txt --out-dir runs/mine":
         SHORT,
     "python train.py --dataset coco --model retinanet_denseclip_r50 --pretrained pretrained/RN50.pt":
