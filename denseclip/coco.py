@@ -51,15 +51,23 @@ def quiet_coco(dataset: dict) -> COCO:
     return coco
 
 
-def is_box(bbox) -> bool:
-    """[x, y, w, h] numbers, as COCO stores a box."""
-    return isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+def well_formed(key: str, entry, fields) -> bool:
+    """An entry of the json's `key` list (images, annotations, categories) with `fields`, the image size numbers, the
+    bbox 4 numbers."""
+    if not isinstance(entry, dict) or any(f not in entry for f in fields):
+        return False
+    if key == "images":
+        return all(isinstance(entry[f], (int, float)) for f in ("width", "height"))
+    if key == "annotations":
+        box = entry["bbox"]
+        return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    return True
 
 
 def read_coco_json(path, evaluated: bool = False) -> COCO:
     """The COCO-format json at `path` as a pycocotools COCO. DataError naming the file when it is not JSON, lacks
-    the images / annotations / categories lists, or has entries without the fields in FIELDS (a bbox of 4
-    numbers; evaluated: also EVAL_FIELDS, which COCOeval reads), counting them and showing the first."""
+    the images / annotations / categories lists, or has entries without the fields in FIELDS (width, height and
+    bbox numbers; evaluated: also EVAL_FIELDS, which COCOeval reads), counting them and showing the first."""
     try:
         with open(path, "rb") as f:
             dataset = json.load(f)
@@ -72,13 +80,12 @@ def read_coco_json(path, evaluated: bool = False) -> COCO:
     problems = []
     for key, fields in FIELDS.items():
         fields += EVAL_FIELDS if evaluated and key == "annotations" else ()
-        bad = [e for e in dataset[key] if not isinstance(e, dict) or any(f not in e for f in fields) or
-               (key == "annotations" and not is_box(e["bbox"]))]
+        bad = [e for e in dataset[key] if not well_formed(key, e, fields)]
         if bad:
-            needs = ", ".join(f"{f} (4 numbers)" if f == "bbox" else f for f in fields)
-            needs += " (COCOeval reads them)" if evaluated and key == "annotations" else ""
-            problems.append(f"{len(bad)} of its {len(dataset[key])} {key} lack one of {needs} (the first: "
-                            f"{str(bad[0])[:200]})")
+            notes = {"images": ["width, height: numbers"], "annotations": ["bbox: 4 numbers"]}.get(key, [])
+            notes += ["COCOeval reads iscrowd and area"] if evaluated and key == "annotations" else []
+            problems.append(f"{len(bad)} of its {len(dataset[key])} {key} lack one of {', '.join(fields)}"
+                            f"{' (' + '; '.join(notes) + ')' if notes else ''} (the first: {str(bad[0])[:200]})")
     if problems:
         raise DataError(f"{path}: " + "; ".join(problems))
     return quiet_coco(dataset)

@@ -99,13 +99,16 @@ def test_entries_without_the_fields_the_loader_or_cocoeval_reads(coco, tmp_path,
         del d["annotations"][0]["bbox"]
         d["annotations"][3]["bbox"] = [1, 2, 3]
         del d["images"][4]["height"]
+        d["images"][5]["width"] = "64"
 
     edit(root / "train.json", break_train)
     edit(root / "val.json", lambda d: [a.pop("area") for a in d["annotations"]])
     n_val = len(json.loads((root / "val.json").read_text())["annotations"])
-    train_refused(tmp_path, monkeypatch, opts, f"{root / 'train.json'}: 1 of its 6 images lack",
-                  "2 of its", "annotations lack one of id, image_id, category_id, bbox (4 numbers)",
-                  f"{root / 'val.json'}: {n_val} of its {n_val} annotations lack", "area (COCOeval reads them)")
+    train_refused(tmp_path, monkeypatch, opts,
+                  f"{root / 'train.json'}: 2 of its 6 images lack one of id, file_name, width, height (width, "
+                  "height: numbers)", "2 of its", "annotations lack one of id, image_id, category_id, bbox (bbox: 4 "
+                  "numbers)", f"{root / 'val.json'}: {n_val} of its {n_val} annotations lack",
+                  "area (bbox: 4 numbers; COCOeval reads iscrowd and area)")
     with pytest.raises(DataError, match="val.json"):  # the loader says the same when the check is off
         CocoDetection(root / "images", root / "val.json")
 
