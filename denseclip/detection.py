@@ -7,8 +7,8 @@
     -> RetinaHead, anchors, focal + L1 losses, box coding, NMS                          torchvision
     loss_aux = BCE(s / τ upsampled to stride 4, box targets), averaged over covered cells
 
-Mirrors the official `DenseCLIP_RetinaNet` (detection/denseclip/denseclip.py) with mmdet 2.17's `FPN` (fpn.py); parameter
-names are the official ones (`backbone.*`, `text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`,
+Mirrors the official `DenseCLIP_RetinaNet` (detection/denseclip/denseclip.py) with mmdet 2.17's `FPN` (fpn.py);
+parameter names are the official ones (`backbone.*`, `text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`,
 `neck.lateral_convs.0.conv.*`, `neck.fpn_convs.3.conv.*`) except the head, which is torchvision's
 (`head.classification_head.*`; checkpoint.py maps mmdet's `bbox_head.*` onto it). Differences from the official
 code, all listed in the README's Detection section: torchvision's resize, matcher, loss normalisation and
