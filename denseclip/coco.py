@@ -15,7 +15,9 @@ Differences from mmdet, on purpose:
 - boxes are clipped to the image (mmdet keeps coordinates outside it, which a flip then maps to the wrong side);
 - crowd boxes are left out of training targets (mmdet passes them as `gt_bboxes_ignore`, which RetinaNet's
   assigner, `ignore_iof_thr=-1`, does not use: the same training); COCOeval still uses them, as COCO defines;
-- training skips images without a usable box (mmdet keeps an image whose only annotations are crowd ones).
+- training skips images without a usable box (mmdet keeps an image whose only annotations are crowd ones);
+- a json that is not COCO-format or has entries without the fields read fails naming the file and counting them
+  (read_coco_json; mmdet raises a KeyError when it first meets one).
 """
 import contextlib
 import copy
