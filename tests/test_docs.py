@@ -63,7 +63,7 @@ SMOKE = {
     # README.md: pictures, zero-shot, curves (runs/demo, shapes.png and pretrained/random_tiny.pt: the fixture)
     "python -c \"from PIL import Image; from denseclip.data import ProceduralShapes as P; "
     "Image.fromarray(P('val').raw(11)[0]).save('shapes.png')\"": [],
-    "python demo.py runs/demo/iter_001000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
+    "python demo.py runs/demo/iter_003000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
     "python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k": ["--scale", "48", "32", "--val-size", "2",
                                                                       "--workers", "0"],
     "python tools/random_clip.py pretrained/random_tiny.pt": [],
@@ -180,7 +180,7 @@ def project(tmp_path_factory):
     # Pictures and zero-shot: a procedural denseclip_tiny run as runs/demo (with its log.jsonl), a random CLIP file
     # and the demo's input image.
     train.main([*SHORT, "--out-dir", str(root / "runs/demo")])
-    shutil.move(root / "runs/demo/iter_000001.pt", root / "runs/demo/iter_001000.pt")
+    shutil.move(root / "runs/demo/iter_000001.pt", root / "runs/demo/iter_003000.pt")
     script_main("tools/random_clip.py")([str(root / "pretrained/random_tiny.pt")])
     Image.fromarray(ProceduralShapes("val", size=64).raw(11)[0]).save(root / "shapes.png")
     return root
