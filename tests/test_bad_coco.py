@@ -4,7 +4,6 @@ message names the file and counts the offenders, and that train.py wrote nothing
 copes with on its own (crowd, degenerate and out-of-image boxes) passes, and the check agrees with the loader on
 what it reads: image sizes upright by EXIF, the training images that have a usable box."""
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bad_input import refused  # noqa: E402
-from test_coco import make_coco_dataset  # noqa: E402
+from test_coco import coco2017_layout, make_coco_dataset  # noqa: E402
 
 import train  # noqa: E402  (repo root: on sys.path through test_bad_input)
 from denseclip import preflight  # noqa: E402
@@ -64,11 +63,7 @@ def test_clean_tree_passes_and_says_what_the_loader_drops(coco, capsys):
 
 def test_the_coco_2017_layout_under_data_root(tmp_path):
     make_coco_dataset(tmp_path / "src")
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    for split in ("train", "val"):
-        shutil.copytree(tmp_path / "src/images", root / f"{split}2017")
-        shutil.copy(tmp_path / f"src/{split}.json", root / f"annotations/instances_{split}2017.json")
+    root = coco2017_layout(tmp_path / "src", tmp_path / "coco")
     argv = ["--dataset", "coco", "--data-root", str(root)]
     assert " OK " in preflight.main(argv)
     (root / "val2017/val_2.png").unlink()

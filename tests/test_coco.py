@@ -2,6 +2,7 @@
 id mapping, crowd / zero-area / out-of-image boxes, images without boxes), flips that move boxes with the
 pixels, the procedural shapes' boxes and masks, and COCOeval on gathered detections."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,16 @@ def make_coco_dataset(root: Path, n_train=6, n_val=3, size=64):
         (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return ["--dataset", "coco", "--train-ann", str(root / "train.json"), "--train-images", str(root / "images"),
             "--val-ann", str(root / "val.json"), "--val-images", str(root / "images")]
+
+
+def coco2017_layout(src: Path, root: Path) -> Path:
+    """make_coco_dataset(src)'s files arranged as COCO 2017 under root: annotations/instances_{split}2017.json and
+    {split}2017/ image folders (what --data-root expects). Returns root."""
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(src / "images", root / f"{split}2017")
+        shutil.copy(src / f"{split}.json", root / f"annotations/instances_{split}2017.json")
+    return root
 
 
 def write_json(path: Path, anns, width=40, height=30, cats=((7, "dog"), (3, "cat"))):

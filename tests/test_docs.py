@@ -163,14 +163,10 @@ def project(tmp_path_factory):
     torch.save({"state_dict": state["model"], "meta": {"iter": 80000}}, root / "denseclip_fpn_res50.pth")
     # Detection: a COCO-format dataset as my/ (json + images) and in COCO's own layout under data/coco, and a
     # detector checkpoint trained on it in runs/retina_r50.
-    from test_coco import make_coco_dataset
+    from test_coco import coco2017_layout, make_coco_dataset
 
     make_coco_dataset(root / "my")
-    coco = root / "data/coco"
-    (coco / "annotations").mkdir(parents=True)
-    for split in ("train", "val"):
-        shutil.copytree(root / "my/images", coco / f"{split}2017")
-        shutil.copy(root / f"my/{split}.json", coco / f"annotations/instances_{split}2017.json")
+    coco2017_layout(root / "my", root / "data/coco")
     out = root / "runs/retina_r50"
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(root)  # the default data root data/coco, as a user in this folder
