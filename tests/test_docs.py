@@ -78,8 +78,6 @@ SMOKE = {
     "python bench/complexity.py": ["--configs", "denseclip_tiny", "--size", "64"],
     "python bench/throughput.py --configs denseclip_tiny fpn_tiny --iters 2 --warmup 1": [
         "--configs", "denseclip_tiny", "--iters", "1", "--warmup", "0", "--size", "64"],
-    "python train.py --iters 1000 --crop-size 96 --eval-interval 500 --val-size 100": [*SHORT, "--out-dir",
-                                                                                       "runs/smoke"],
     "python bench/loader.py": ["--samples", "1", "--rounds", "1"],
     "python bench/train_step.py": ["--config", "denseclip_tiny", "--size", "64", "--iters", "1", "--warmup", "0",
                                    "--no-compile", "--memory-configs"],
