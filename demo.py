@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from denseclip import visualize
+from denseclip.run import visualize
 from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS, task_of
-from denseclip.data import read_class_names
-from denseclip.engine import config_overrides, palette
+from denseclip.data.segmentation import read_class_names
+from denseclip.configs import config_overrides
+from denseclip.run.visualize import palette
 from denseclip.progress import progress
-from denseclip.segmentor import build_model
-from denseclip.transforms import normalize, rescale_size, resize_image, to_tensor
+from denseclip import build_model, inference
+from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -134,7 +135,7 @@ def segment(model, photo: np.ndarray, device, scale=None, mode=None, names=None,
     scores = None
     if score_names:
         forward = functools.partial(model.score_logits, names=score_names)  # s / τ at the input size
-        logits = model.slide_inference(x, crop, model.cfg.test_stride, forward) if mode == "slide" else forward(x)
+        logits = inference.slide_inference(forward, x, crop, model.cfg.test_stride) if mode == "slide" else forward(x)
         scores = torch.nn.functional.interpolate(logits * model.cfg.tau, size=(H, W), mode="bilinear",
                                                  align_corners=False)[0]  # (K', H, W) cosine
     return pred.cpu().numpy(), None if scores is None else scores.cpu().numpy()

@@ -27,14 +27,17 @@ import torch.distributed as dist
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint
-from denseclip.clip import READOUTS, load_clip
+from denseclip.checkpoint import load_clip
+from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, DenseCLIPConfig, task_of
-from denseclip.distributed import init_distributed, print0
-from denseclip import visualize
-from denseclip.engine import (AUG_RATIOS, add_data_args, build_dataset, config_overrides, evaluate, image_name,
-                              saved_train_args)
+from denseclip.run.distributed import init_distributed, print0
+from denseclip.run import visualize
+from denseclip.configs import config_overrides
+from denseclip.data.options import add_data_args, build_dataset
+from denseclip.run.checkpoints import saved_train_args
+from denseclip.run.evaluate import AUG_RATIOS, evaluate, image_name
 from denseclip.errors import ConfigError, run_main
-from denseclip.preflight import check_data
+from denseclip.data.preflight import check_data
 from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 

@@ -28,18 +28,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from denseclip import build_model
-from denseclip.activation_checkpoint import checkpoint_activations
+from denseclip.run.activation_checkpoint import checkpoint_activations
 from denseclip.checkpoint import load_checkpoint, load_file
-from denseclip.coco import STAT_NAMES
+from denseclip.run.coco_eval import STAT_NAMES
 from denseclip.configs import CONFIGS, task_of
-from denseclip.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
-from denseclip.engine import (add_data_args, autocast, build_dataset, config_overrides, evaluate, latest_checkpoint,
-                              prune_checkpoints, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
-                              to_device, train_batches)
+from denseclip.run.distributed import convert_sync_batchnorm, init_distributed, print0, reduce_mean
+from denseclip.configs import config_overrides
+from denseclip.data.options import add_data_args, build_dataset
+from denseclip.run.batches import to_device, train_batches
+from denseclip.run.checkpoints import latest_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from denseclip.run.evaluate import evaluate
+from denseclip.run.step import autocast, stop_if_not_finite
 from denseclip.errors import ConfigError, require_file, run_main
 from denseclip.language import PixelTextMatching
-from denseclip.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
-from denseclip.preflight import check_data
+from denseclip.run.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
+from denseclip.data.preflight import check_data
 
 # Options left unset take these values. ADE20K and user folders: the official 80k schedule at global batch 32
 # (4 images x 8 GPUs). Procedural: a CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from denseclip import transforms as T  # noqa: E402
+from denseclip.data import transforms as T  # noqa: E402
 
 
 def opencv_train_transform(t: T.TrainTransform, cv2, image, label, rng):

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from denseclip.data import read_image
-from denseclip.preflight import check_data, label_problem
+from denseclip.data.image_io import read_image
+from denseclip.data.preflight import check_data, label_problem
 
 ADE_TRAIN, ADE_VAL = 20210, 2000
 COCO_TRAIN, COCO_VAL = 118287, 5000  # images in instances_{train,val}2017.json (860,001 + 36,781 annotations)

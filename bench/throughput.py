@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from denseclip.data import ADE20K_CLASSES
-from denseclip.segmentor import build_model
+from denseclip.data.classes import ADE20K_CLASSES
+from denseclip import build_model
 
 DEFAULT_CONFIGS = ["denseclip_tiny", "fpn_tiny", "fpn_clip_r50", "denseclip_r50"]
 

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from denseclip.activation_checkpoint import checkpoint_activations  # noqa: E402
-from denseclip.data import ADE20K_CLASSES  # noqa: E402
-from denseclip.segmentor import build_model  # noqa: E402
+from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: E402
+from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
+from denseclip import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402

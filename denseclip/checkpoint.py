@@ -1,5 +1,8 @@
-"""Loading weights into a DenseCLIP segmentor or detector, with every key accounted for.
+"""Loading weights, with every key accounted for: OpenAI CLIP files (`load_clip`) and any checkpoint into a DenseCLIP
+segmentor or detector (`load_checkpoint`).
 
+`load_clip(path)` reads an OpenAI CLIP `.pt` archive (or a state dict with OpenAI's key names) and builds the CLIP
+model its weights describe (the architecture is read off the weight shapes, as OpenAI's build_model does).
 `load_checkpoint(model, path)` recognises, from the keys alone:
 - a whole-model checkpoint: ours (train.py's `{"model": ...}` or a bare state dict) or an official
   DenseCLIP / mmseg one (`{"state_dict": ...}`, keys backbone.*, text_encoder.*, context_decoder.*,
@@ -22,9 +25,11 @@ A file that cannot be read says why: missing, empty, truncated, not a PyTorch fi
 loader (with how to convert a file one trusts); a checkpoint of another architecture names the config it was
 trained with when the file records it.
 """
+import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import List, Union
@@ -32,9 +37,10 @@ from typing import List, Union
 import torch
 from torch import nn
 
-from .clip import read_openai_state_dict, resize_pos_embed
+from .clip import CLIP, TextEncoder, VisionTransformer, resize_pos_embed
 from .errors import MissingFileError, UserError
 from .language import decode_names
+from .resnet import ModifiedResNet
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -290,3 +296,72 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
     report = _load_whole(model, sd, meta)
     report.notes = notes
     return report
+
+
+# The JIT archives carry these as state; they are architecture facts read off the weights instead.
+_ARCHIVE_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+
+def read_openai_state_dict(path: str) -> dict:
+    """State dict of an OpenAI CLIP file: a TorchScript archive (what OpenAI distributes; loading one
+    runs no Python pickle code) or a plain state dict, read with weights_only=True. fp16 -> fp32."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files use it
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
+
+
+
+def openai_to_ours(sd: dict) -> dict:
+    """OpenAI key names -> CLIP's: the text tower's top-level keys move under `text.`."""
+    return {k if k.startswith("visual.") or k == "logit_scale" else "text." + k: v for k, v in sd.items()}
+
+
+
+def _count(sd: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+
+def clip_architecture(sd: dict) -> dict:
+    """Read the architecture off OpenAI-named weights (as OpenAI's build_model does)."""
+    text = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                width=sd["ln_final.weight"].shape[0], heads=sd["ln_final.weight"].shape[0] // 64,
+                layers=_count(sd, "transformer.resblocks."), embed_dim=sd["text_projection"].shape[1])
+    if "visual.proj" in sd:
+        width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+        grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+        visual = dict(kind="vit", input_resolution=patch * grid, patch_size=patch, width=width,
+                      layers=_count(sd, "visual.transformer.resblocks."), heads=width // 64,
+                      output_dim=sd["visual.proj"].shape[1])
+    else:
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
+        visual = dict(kind="resnet", layers=[_count(sd, f"visual.layer{i}.") for i in range(1, 5)], width=width,
+                      heads=width * 32 // 64, input_resolution=grid * 32,
+                      output_dim=sd["visual.attnpool.c_proj.weight"].shape[0])
+    return dict(visual=visual, text=text)
+
+
+
+def build_visual(kind: str, **cfg) -> nn.Module:
+    return VisionTransformer(**cfg) if kind == "vit" else ModifiedResNet(**cfg)
+
+
+
+def load_clip(path_or_state_dict: Union[str, dict]) -> CLIP:
+    """OpenAI CLIP from a `.pt` archive, a state dict file, or a state dict with OpenAI key names.
+    The architecture is inferred from the weights; loading is strict. Returns an fp32 model in eval."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        sd = read_openai_state_dict(sd)
+    sd = {k: v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
+    arch = clip_architecture(sd)
+    model = CLIP(build_visual(**arch["visual"]), TextEncoder(**arch["text"]))
+    model.load_state_dict(openai_to_ours(sd), strict=True)
+    return model.float().eval()

@@ -1,21 +1,17 @@
-"""CLIP's two towers, with the dense outputs DenseCLIP needs (paper Sec. 3.1-3.2).
+"""CLIP's transformer towers and the CLIP model, with the dense outputs DenseCLIP needs (paper Sec. 3.1-3.2).
 
 Mirrors OpenAI CLIP's `model.py` and keeps every parameter name, so OpenAI `.pt` archives and
-official DenseCLIP checkpoints load strictly. What differs from OpenAI's code:
+official DenseCLIP checkpoints load strictly. CLIP's ResNet image encoder and its attention pool are in
+resnet.py; reading OpenAI's `.pt` files (`load_clip`) is in checkpoint.py. What differs from OpenAI's code:
 - Tensors are batch-first everywhere and attention runs through `F.scaled_dot_product_attention`
   (OpenAI permutes to (L, B, C) for `nn.MultiheadAttention`); no `.half()`: use `torch.autocast`.
-- `AttentionPool2d` uses every spatial position as a query, not only the mean token, and returns
-  both the pooled feature z̄ (identical to CLIP's) and the dense map z (DenseCLIP's Eq. 1-2).
-  Its positional embedding is resized bilinearly when the feature grid differs from training, or, with
-  `crop_pos_embed` (the official detection code), cropped to the feature grid.
-- `ModifiedResNet.forward_dense` / `VisionTransformer.forward_dense` also return the four pyramid
-  levels. The ViT pyramid (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one
-  of the official DenseCLIP ViT-B/16 backbone, with the same parameter names (fpn1..fpn4).
+- `VisionTransformer.forward_dense` also returns the four pyramid levels and the dense map z. The ViT pyramid
+  (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one of the official DenseCLIP ViT-B/16
+  backbone, with the same parameter names (fpn1..fpn4).
 - `readout="maskclip"` in `forward_dense` swaps the dense map z for MaskCLIP's (Zhou et al., ECCV 2022,
-  "Extract Free Dense Labels from CLIP"), which keeps no query-key attention in the last step: ResNet: each
-  position through the attention pool's v_proj and c_proj only (no positional embedding, as MaskCLIP's head);
-  ViT: the last block with its attention replaced by the value path, x + out_proj(v_proj(ln_1(x))), then that
-  block's MLP, ln_post and proj. z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it (zeroshot.py).
+  "Extract Free Dense Labels from CLIP"), which keeps no query-key attention in the last step: the last block
+  with its attention replaced by the value path, x + out_proj(v_proj(ln_1(x))), then that block's MLP, ln_post and
+  proj. z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it (zeroshot.py).
 - `TextEncoder` accepts learnable context vectors inserted right after the start token (CoOp),
   and truncates its positional embedding to the sequence it is given.
 
@@ -23,13 +19,15 @@ Shape letters: B batch, C channels, H W feature grid, N = H*W visual tokens, K c
 L text length, M learnable context tokens, D joint embedding dimension.
 """
 import math
-import warnings
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's RGB statistics, for pixels scaled to [0, 1]
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class QuickGELU(nn.Module):
@@ -61,174 +59,12 @@ def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     return torch.cat([pos[:1], spatial], dim=0)
 
 
-def crop_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept and the top-left H x W
-    block of the square S x S grid is used as is, what the official DenseCLIP detection backbone does (its
-    checkpoints were trained that way; the grid is stored at 1344 // 32 = 42, the largest padded input)."""
-    n, C = pos.shape
-    S = math.isqrt(n - 1)
-    H, W = grid
-    if H > S or W > S:
-        raise ValueError(f"feature grid {H}x{W} exceeds the stored {S}x{S} positional grid: raise input_resolution "
-                         f"to at least {32 * max(H, W)} or resize the input smaller")
-    spatial = pos[1:].reshape(S, S, C)[:H, :W].reshape(H * W, C)  # (H*W, C)
-    return torch.cat([pos[:1], spatial], dim=0)
-
-
-# ----------------------------------------------------------------------------- ModifiedResNet
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck with CLIP's anti-aliasing: every conv has stride 1 and an avgpool
-    follows the 3x3 conv (and precedes the 1x1 downsample conv) when stride > 1."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride > 1 or inplanes != planes * 4:
-            # the key "-1" is OpenAI's: the avgpool sits before the conv "0" and norm "1"
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * 4)),
-            ]))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.avgpool(out)))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
 READOUTS = ("denseclip", "maskclip")  # the dense read-outs of forward_dense (see the module docstring)
 
 
 def check_readout(readout: str):
     if readout not in READOUTS:
         raise ValueError(f"unknown dense read-out {readout!r}; expected one of {READOUTS}")
-
-
-class AttentionPool2d(nn.Module):
-    """CLIP's QKV attention pooling, run with every position as a query (DenseCLIP Eq. 1-2).
-
-    Input (B, C, H, W). The mean token is prepended, positional embeddings added, and one
-    multi-head attention over the 1 + N tokens gives z̄ (the mean token's output, equal to CLIP's
-    pooled feature) and z (every other token's output, projected the same way by c_proj).
-    `crop_pos_embed`: crop the stored positional grid to the feature grid (official detection) instead of
-    resizing it (official segmentation, CLIP).
-    """
-
-    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None,
-                 crop_pos_embed: bool = False):
-        super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
-        self.num_heads = num_heads
-        self.crop_pos_embed = crop_pos_embed
-
-    def forward(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
-        B, C, H, W = x.shape
-        h = self.num_heads
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+N, C)
-        pos = (crop_pos_embed if self.crop_pos_embed else resize_pos_embed)(self.positional_embedding, (H, W))
-        x = x + pos.to(x.dtype)  # (B, 1+N, C)
-        q, k, v = (p(x).view(B, 1 + H * W, h, C // h).transpose(1, 2)  # (B, h, 1+N, C/h)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1+N, C/h)
-        x = self.c_proj(x.transpose(1, 2).reshape(B, 1 + H * W, C))  # (B, 1+N, D)
-        z_global = x[:, 0]  # (B, D)
-        z_dense = x[:, 1:].transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
-        return z_global, z_dense
-
-    def forward_values(self, x) -> torch.Tensor:
-        """MaskCLIP's dense read-out (B, D, H, W): every position through v_proj then c_proj, no attention."""
-        B, C, H, W = x.shape
-        x = self.c_proj(self.v_proj(x.flatten(2).transpose(1, 2)))  # (B, N, D)
-        return x.transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
-
-
-class ModifiedResNet(nn.Module):
-    """CLIP's ResNet. Differences from torchvision's ResNet:
-    - a 3-conv stem (stride 2, then 1, 1) followed by a 2x2 avgpool instead of one 7x7 conv + maxpool;
-    - anti-aliased strided blocks (see Bottleneck);
-    - attention pooling instead of global average pooling (absent when output_dim is None, as in
-      the plain-FPN CLIP baselines, whose checkpoints have no attnpool weights); `crop_pos_embed` as in
-      AttentionPool2d.
-    `forward` gives CLIP's image embedding; `forward_dense` gives the pyramid, z̄ and z.
-    """
-
-    def __init__(self, layers: Sequence[int], output_dim: Optional[int], heads: int,
-                 input_resolution: int = 224, width: int = 64, crop_pos_embed: bool = False):
-        super().__init__()
-        self.input_resolution = input_resolution
-        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
-        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.avgpool = nn.AvgPool2d(2)
-        self.relu = nn.ReLU(inplace=True)
-        inplanes = width
-        for i, n in enumerate(layers):
-            planes = width * 2 ** i
-            blocks = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
-            blocks += [Bottleneck(planes * 4, planes) for _ in range(1, n)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes * 4
-        self.out_channels = [width * 4 * 2 ** i for i in range(4)]  # 256, 512, 1024, 2048 for width 64
-        self.attnpool = None
-        if output_dim is not None:
-            self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim, crop_pos_embed)
-        self.init_weights()
-
-    def init_weights(self):
-        """OpenAI's initialisation: attention-pool projections with std in_features^-0.5, and the last BN
-        of every residual branch at zero so each block starts as the identity."""
-        if self.attnpool is not None:
-            for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
-                nn.init.normal_(proj.weight, std=self.attnpool.c_proj.in_features ** -0.5)
-        for name, p in self.named_parameters():
-            if name.endswith("bn3.weight") and name.startswith("layer"):
-                nn.init.zeros_(p)
-
-    def forward_pyramid(self, x) -> List[torch.Tensor]:
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            x = self.relu(bn(conv(x)))
-        x = self.avgpool(x)  # (B, width, H/4, W/4)
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)  # strides 4, 8, 16, 32
-        return feats
-
-    def forward_dense(self, x, readout: str = "denseclip"):
-        """-> ([x1, x2, x3, x4], z̄ (B, D) or None, z (B, D, H/32, W/32) or None); readout "denseclip" (every
-        position a query of the attention pool) or "maskclip" (value and output projections only)."""
-        check_readout(readout)
-        feats = self.forward_pyramid(x)
-        if self.attnpool is None:
-            return feats, None, None
-        z_global, z_dense = self.attnpool(feats[-1])
-        if readout == "maskclip":
-            z_dense = self.attnpool.forward_values(feats[-1])
-        return feats, z_global, z_dense
-
-    def forward(self, x):
-        return self.attnpool(self.forward_pyramid(x)[-1])[0]  # (B, D)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -447,66 +283,3 @@ class CLIP(nn.Module):
         txt = F.normalize(self.encode_text(text), dim=-1)
         logits = self.logit_scale.exp() * img @ txt.t()  # (B, K)
         return logits, logits.t()
-
-
-# The JIT archives carry these as state; they are architecture facts read off the weights instead.
-_ARCHIVE_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def read_openai_state_dict(path: str) -> dict:
-    """State dict of an OpenAI CLIP file: a TorchScript archive (what OpenAI distributes; loading one
-    runs no Python pickle code) or a plain state dict, read with weights_only=True. fp16 -> fp32."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files use it
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
-
-
-def openai_to_ours(sd: dict) -> dict:
-    """OpenAI key names -> CLIP's: the text tower's top-level keys move under `text.`."""
-    return {k if k.startswith("visual.") or k == "logit_scale" else "text." + k: v for k, v in sd.items()}
-
-
-def _count(sd: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
-def clip_architecture(sd: dict) -> dict:
-    """Read the architecture off OpenAI-named weights (as OpenAI's build_model does)."""
-    text = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                width=sd["ln_final.weight"].shape[0], heads=sd["ln_final.weight"].shape[0] // 64,
-                layers=_count(sd, "transformer.resblocks."), embed_dim=sd["text_projection"].shape[1])
-    if "visual.proj" in sd:
-        width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
-        grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-        visual = dict(kind="vit", input_resolution=patch * grid, patch_size=patch, width=width,
-                      layers=_count(sd, "visual.transformer.resblocks."), heads=width // 64,
-                      output_dim=sd["visual.proj"].shape[1])
-    else:
-        width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
-        visual = dict(kind="resnet", layers=[_count(sd, f"visual.layer{i}.") for i in range(1, 5)], width=width,
-                      heads=width * 32 // 64, input_resolution=grid * 32,
-                      output_dim=sd["visual.attnpool.c_proj.weight"].shape[0])
-    return dict(visual=visual, text=text)
-
-
-def build_visual(kind: str, **cfg) -> nn.Module:
-    return VisionTransformer(**cfg) if kind == "vit" else ModifiedResNet(**cfg)
-
-
-def load_clip(path_or_state_dict: Union[str, dict]) -> CLIP:
-    """OpenAI CLIP from a `.pt` archive, a state dict file, or a state dict with OpenAI key names.
-    The architecture is inferred from the weights; loading is strict. Returns an fp32 model in eval."""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        sd = read_openai_state_dict(sd)
-    sd = {k: v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
-    arch = clip_architecture(sd)
-    model = CLIP(build_visual(**arch["visual"]), TextEncoder(**arch["text"]))
-    model.load_state_dict(openai_to_ours(sd), strict=True)
-    return model.float().eval()

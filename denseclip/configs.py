@@ -8,6 +8,7 @@ official configs carry keys such as `style='pytorch'` or `outdim=` that nothing 
 `check_config` (called when a model is built) refuses values of the wrong type, outside a field's
 fixed set, or that some other field would silently ignore.
 """
+import ast
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple, Union, get_args, get_origin
 
@@ -371,3 +372,18 @@ def task_of(name: str) -> str:
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
     return "detection" if isinstance(CONFIGS[name](), DetectionConfig) else "segmentation"
+
+
+def config_overrides(items, config_type=DenseCLIPConfig) -> dict:
+    """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; fields unknown to the
+    model's config dataclass fail."""
+    known, out = {f.name for f in fields(config_type)}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        try:
+            out[key] = ast.literal_eval(value)  # numbers, tuples, True/False/None
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word is a string
+    return out

@@ -17,7 +17,6 @@ so official checkpoints load without renaming. Differences from the official cod
 Shape letters: B batch, K classes, D joint dim, h w = feature grid at stride 32 (16 for ViT's z).
 """
 import functools
-import math
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -25,61 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import AttentionPool2d, ModifiedResNet, VisionTransformer
+from . import inference
+from .clip import VisionTransformer
 from .configs import CONFIGS, DenseCLIPConfig, check_config
 from .errors import ConfigError
 from .fpn import FPN
+from .heads import FPNHead
+from .inference import resize
 from .language import PixelTextMatching
-
-
-def resize(x, size):
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class ConvModule(nn.Module):
-    """conv (+ BatchNorm) (+ ReLU), with mmcv's ConvModule names (conv, bn); bias only without norm."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, norm: bool = False, act: bool = False):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=not norm)
-        self.bn = nn.BatchNorm2d(cout) if norm else None
-        self.act = act
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        return F.relu(x, inplace=True) if self.act else x
-
-
-class FPNHead(nn.Module):
-    """Semantic FPN head (Kirillov et al. 2019), mmseg's FPNHead: level i gets max(1, log2(stride_i/4))
-    conv-BN-ReLU blocks, each followed by a x2 bilinear upsample, until stride 4; the levels are summed."""
-
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, dropout: float = 0.1,
-                 strides: Sequence[int] = (4, 8, 16, 32)):
-        super().__init__()
-        self.scale_heads = nn.ModuleList()
-        for cin, s in zip(in_channels, strides):
-            blocks = []
-            for k in range(max(1, int(math.log2(s) - math.log2(strides[0])))):
-                blocks.append(ConvModule(cin if k == 0 else channels, channels, 3, norm=True, act=True))
-                if s != strides[0]:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.scale_heads.append(nn.Sequential(*blocks))
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def forward(self, feats):
-        x = self.scale_heads[0](feats[0])  # (B, channels, H/4, W/4)
-        for head, f in zip(self.scale_heads[1:], feats[1:]):
-            x = x + resize(head(f), x.shape[-2:])
-        return self.conv_seg(self.dropout(x))  # (B, K, H/4, W/4)
+from .resnet import AttentionPool2d, ModifiedResNet
 
 
 class TorchvisionResNet(nn.Module):
@@ -183,28 +136,6 @@ class DenseCLIP(PixelTextMatching):
         return resize(self.score_map(z_global, z_dense, names).float() / self.cfg.tau, images.shape[-2:])
 
     @torch.no_grad()
-    def slide_inference(self, images, crop: int, stride: int, forward=None):
-        """Logits (B, K, H, W) averaged over overlapping crop x crop windows (mmseg's slide mode). All
-        windows have the same size (min(crop, H) x min(crop, W)), so they run as one batch. forward: what
-        maps a batch to logits at its size (default: the model)."""
-        B, _, H, W = images.shape
-        rows = max(H - crop + stride - 1, 0) // stride + 1
-        cols = max(W - crop + stride - 1, 0) // stride + 1
-        boxes = []
-        for r in range(rows):
-            for c in range(cols):
-                y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
-                boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n*B, 3, h, w)
-        logits = (forward or self)(crops).float().split(B)  # n x (B, K, h, w)
-        out = images.new_zeros((B, logits[0].shape[1], H, W), dtype=torch.float32)
-        count = images.new_zeros((1, 1, H, W), dtype=torch.float32)
-        for (y1, y2, x1, x2), lg in zip(boxes, logits):
-            out[:, :, y1:y2, x1:x2] += lg
-            count[:, :, y1:y2, x1:x2] += 1
-        return out / count
-
-    @torch.no_grad()
     def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None,
                 names: Optional[Sequence[str]] = None):
         """Class probabilities (B, K, *out_size): softmax averaged over scale ratios and horizontal flips
@@ -212,38 +143,18 @@ class DenseCLIP(PixelTextMatching):
         mode (dropout off, BatchNorm running statistics) whatever mode the model is in, and restores that mode.
         names: open vocabulary, probabilities over these names from softmax(s / τ) (score_logits), not the
         decode head."""
+        forward = self if names is None else functools.partial(self.score_logits, names=names)
         was_training = self.training
         self.eval()
         try:
-            return self._predict(images, out_size, ratios, flip, mode, names)
+            return inference.predict(forward, images, mode or self.cfg.test_mode, self.cfg.test_crop,
+                                     self.cfg.test_stride, out_size, ratios, flip)
         finally:
             self.train(was_training)
 
-    def _predict(self, images, out_size, ratios, flip, mode, names=None):
-        mode = mode or self.cfg.test_mode
-        if mode not in ("slide", "whole"):
-            raise ConfigError(f"test mode {mode!r}: expected 'slide' or 'whole'")
-        forward = self if names is None else functools.partial(self.score_logits, names=names)
-        out_size = tuple(out_size or images.shape[-2:])
-        probs = 0.0
-        for r in ratios:
-            x = images if r == 1 else F.interpolate(images, scale_factor=r, mode="bilinear", align_corners=False)
-            for flipped in (False, True) if flip else (False,):
-                xi = x.flip(-1) if flipped else x
-                logits = self.slide_inference(xi, self.cfg.test_crop, self.cfg.test_stride, forward) \
-                    if mode == "slide" else forward(xi).float()
-                p = resize(logits, out_size).softmax(dim=1)
-                probs = probs + (p.flip(-1) if flipped else p)
-        return probs / (len(ratios) * (2 if flip else 1))
 
-
-def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overrides) -> DenseCLIP:
-    """A named config (see configs.CONFIGS), with field overrides; class names default to ADE20K's 150."""
+def build_segmentor(name: str, class_names: Sequence[str], **overrides) -> DenseCLIP:
+    """A named segmentation config (see configs.CONFIGS), with field overrides."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
-    cfg = replace(CONFIGS[name](), **overrides)
-    if class_names is None:
-        from .data import ADE20K_CLASSES
-
-        class_names = ADE20K_CLASSES
-    return DenseCLIP(cfg, class_names)
+    return DenseCLIP(replace(CONFIGS[name](), **overrides), class_names)

@@ -17,9 +17,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import inference
 from .clip import CLIP, TextEncoder, check_readout
+from .inference import resize
 from .language import PixelTextMatching
-from .segmentor import DenseCLIP, resize
 from .tokenizer import tokenize
 
 # OpenAI's 80 ImageNet prompt templates, in their order, from the CLIP repository's notebook
@@ -76,10 +77,6 @@ class ZeroShotSegmenter(PixelTextMatching):
     """CLIP's image tower + fixed ensembled text features. model(images) -> logits (B, K, H, W) at input size;
     predict / slide_inference as the DenseCLIP segmentor's. The text tower is not kept (its output is fixed)."""
 
-    predict = DenseCLIP.predict  # the segmentor's inference needs only forward, num_classes and cfg.test_*
-    _predict = DenseCLIP._predict
-    slide_inference = DenseCLIP.slide_inference
-
     def __init__(self, clip: CLIP, class_names: Sequence[str], cfg: ZeroShotConfig = None):
         super().__init__()
         self.cfg = cfg = cfg or ZeroShotConfig(test_crop=clip.visual.input_resolution,
@@ -99,3 +96,9 @@ class ZeroShotSegmenter(PixelTextMatching):
         _, z_global, z_dense = self.visual.forward_dense(images, self.cfg.readout)
         score = self.score_map(z_global, z_dense)  # (B, K, h, w) cosine
         return resize(score * self.logit_scale, images.shape[-2:])  # (B, K, H, W)
+
+    @torch.no_grad()
+    def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None):
+        """Class probabilities (B, K, *out_size), as the DenseCLIP segmentor's predict (inference.py)."""
+        return inference.predict(self, images, mode or self.cfg.test_mode, self.cfg.test_crop, self.cfg.test_stride,
+                                 out_size, ratios, flip)

@@ -12,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's denseclip, not an installed one
 
-from denseclip.data import SHAPE_CLASSES  # noqa: E402
-from denseclip.segmentor import build_model  # noqa: E402
+from denseclip.data.procedural import SHAPE_CLASSES  # noqa: E402
+from denseclip import build_model  # noqa: E402
 
 
 def step_grads(text_once: bool, rank: int):

@@ -15,8 +15,8 @@ from test_bad_input import refused  # noqa: E402
 from test_coco import coco2017_layout, make_coco_dataset  # noqa: E402
 
 import train  # noqa: E402  (repo root: on sys.path through test_bad_input)
-from denseclip import preflight  # noqa: E402
-from denseclip.coco import CocoDetection  # noqa: E402
+from denseclip.data import preflight  # noqa: E402
+from denseclip.data.coco import CocoDetection  # noqa: E402
 from denseclip.errors import DataError  # noqa: E402
 
 DET = ["--model", "retinanet_tiny", "--batch-size", "2", "--iters", "1", "--eval-interval", "0", "--workers", "0",

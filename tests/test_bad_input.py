@@ -18,11 +18,12 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluation  # noqa: E402  (repo-root scripts)
 import train  # noqa: E402
-from denseclip import preflight  # noqa: E402
+from denseclip.data import preflight  # noqa: E402
 from denseclip.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from denseclip.data import read_image, read_label  # noqa: E402
+from denseclip.data.image_io import read_image, read_label  # noqa: E402
 from denseclip.errors import ConfigError, DataError, MissingFileError, TrainingError  # noqa: E402
-from denseclip.segmentor import DenseCLIP, build_model  # noqa: E402
+from denseclip import build_model  # noqa: E402
+from denseclip.segmentor import DenseCLIP  # noqa: E402
 
 NAMES = "sky,tree,road,car"
 TINY = ["--crop-size", "32", "--batch-size", "2", "--log-interval", "1", "--eval-interval", "0", "--workers", "0",

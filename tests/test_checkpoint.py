@@ -4,8 +4,8 @@ import torch
 
 import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint
-from denseclip.data import ADE20K_CLASSES
-from denseclip.segmentor import build_model
+from denseclip.data.classes import ADE20K_CLASSES
+from denseclip import build_model
 
 from peers import openai_clip, tiny_openai_clip
 

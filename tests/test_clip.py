@@ -6,7 +6,8 @@ import pytest
 import torch
 from peers import openai_clip, tiny_openai_clip
 
-from denseclip.clip import TextEncoder, VisionTransformer, load_clip, resize_pos_embed
+from denseclip.checkpoint import load_clip
+from denseclip.clip import TextEncoder, VisionTransformer, resize_pos_embed
 
 
 def _texts(n=4):

@@ -12,9 +12,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from denseclip import engine, optim
-from denseclip.coco import CocoDetection, CocoEvaluator, ProceduralDetection, flip_boxes
-from denseclip.data import SHAPE_CLASSES, ProceduralShapes, render_shapes, sample_rng
+from denseclip.run import optim
+from denseclip.run.batches import collate_detection, to_device
+from denseclip.data.coco import CocoDetection, flip_boxes
+from denseclip.data.procedural import ProceduralDetection
+from denseclip.run.coco_eval import CocoEvaluator
+from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES, render_shapes
+from denseclip.data.transforms import sample_rng
 
 
 def cat_id(label: int) -> int:
@@ -275,12 +279,12 @@ def test_coco_ground_truth_loads_like_a_json(tmp_path):
 # --------------------------------------------------------------------------------- batching and schedule
 def test_collate_and_to_device():
     ds = ProceduralDetection("val", size=32, length=2)
-    images, targets = engine.collate_detection([ds[0], ds[1]])
+    images, targets = collate_detection([ds[0], ds[1]])
     assert isinstance(images, list) and len(images) == 2 and targets[1]["image_id"].item() == 1
-    moved = engine.to_device((images, targets), torch.device("cpu"))
+    moved = to_device((images, targets), torch.device("cpu"))
     assert torch.equal(moved[0][0], images[0]) and torch.equal(moved[1][0]["boxes"], targets[0]["boxes"])
     seg = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
-    assert all(torch.equal(a, b) for a, b in zip(engine.to_device(seg, torch.device("cpu")), seg))
+    assert all(torch.equal(a, b) for a, b in zip(to_device(seg, torch.device("cpu")), seg))
 
 
 def test_step_schedule_is_mmcv_step_with_linear_warmup():

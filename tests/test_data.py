@@ -4,10 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
-from denseclip.data import ADE20K, ADE20K_CLASSES, FolderSegmentation, ProceduralShapes, sample_rng
+from denseclip.data.classes import ADE20K_CLASSES
+from denseclip.data.procedural import ProceduralShapes
+from denseclip.data.segmentation import ADE20K, FolderSegmentation
+from denseclip.data.transforms import sample_rng
 from denseclip.errors import DataError
-from denseclip.transforms import CLIP_MEAN, CLIP_STD, TestTransform, TrainTransform, normalize
-from denseclip.metrics import ConfusionMatrix
+from denseclip.clip import CLIP_MEAN, CLIP_STD
+from denseclip.data.transforms import TestTransform, TrainTransform, normalize
+from denseclip.run.metrics import ConfusionMatrix
 
 # ------------------------------------------------------------------------------------------ procedural
 
@@ -99,7 +103,7 @@ def assert_ops_match_opencv(T, cases):
 def test_ops_within_one_of_opencv():
     import cv2
 
-    from denseclip import transforms
+    from denseclip.data import transforms
     assert_ops_match_opencv(transforms, opencv_reference(cv2))
     img = np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8)
     rt = transforms.hsv_to_rgb(transforms.rgb_to_hsv(transforms.to_tensor(img))).permute(1, 2, 0).numpy()
@@ -113,17 +117,17 @@ def test_loader_and_opencv_parity_without_opencv(ade_root, monkeypatch):
     import sys
 
     import cv2
-    import denseclip
+    import denseclip.data
     cases = opencv_reference(cv2, n=4)
     monkeypatch.setitem(sys.modules, "cv2", None)
-    for name in ("transforms", "data"):  # the fresh imports rebind these; restore them afterwards
-        monkeypatch.setattr(denseclip, name, getattr(denseclip, name))
-    for name in ("denseclip.transforms", "denseclip.data"):
+    for name in ("transforms", "image_io", "segmentation"):  # the fresh imports rebind these; restore them afterwards
+        monkeypatch.setattr(denseclip.data, name, getattr(denseclip.data, name))
+    for name in ("denseclip.data.transforms", "denseclip.data.image_io", "denseclip.data.segmentation"):
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError):
         import cv2  # noqa: F401, F811
-    T = importlib.import_module("denseclip.transforms")
-    D = importlib.import_module("denseclip.data")
+    T = importlib.import_module("denseclip.data.transforms")
+    D = importlib.import_module("denseclip.data.segmentation")
     assert_ops_match_opencv(T, cases)
     ds = D.ADE20K(ade_root, "training", transform=T.TrainTransform(scale=(128, 64), crop_size=(64, 64)))
     image, label = ds[0]

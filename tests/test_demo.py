@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from denseclip import visualize
-from denseclip.data import SHAPE_CLASSES, ProceduralShapes, render_shapes
-from denseclip.engine import palette
-from denseclip.segmentor import build_model
+from denseclip.run import visualize
+from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES, render_shapes
+from denseclip.run.visualize import palette
+from denseclip import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 import denseclip
 import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_retina_head_to_ours
-from denseclip.clip import AttentionPool2d
+from denseclip.resnet import AttentionPool2d
 from denseclip.configs import CONFIGS, task_of
 from denseclip.fpn import FPN
-from denseclip.detection import MMDetAnchorGenerator, box_seg_loss, box_seg_targets
-from denseclip.optim import CUSTOM_KEYS, param_rule
+from denseclip.detection.anchors import MMDetAnchorGenerator
+from denseclip.detection.features import box_seg_loss, box_seg_targets
+from denseclip.run.optim import CUSTOM_KEYS, param_rule
 
 from peers import tiny_openai_clip
 

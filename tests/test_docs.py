@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from denseclip.data import SHAPE_CLASSES, ProceduralShapes  # noqa: E402
+from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES  # noqa: E402
 
 DOCS = ("README.md", "data/README.md")
 TINY = ["--model", "denseclip_tiny"]
@@ -61,7 +61,7 @@ SMOKE = {
     "python train.py --model retinanet_tiny": [*DET, "--out-dir", "runs/smoke"],
     "python train.py --model maskrcnn_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
     # README.md: pictures, zero-shot, curves (runs/demo, shapes.png and pretrained/random_tiny.pt: the fixture)
-    "python -c \"from PIL import Image; from denseclip.data import ProceduralShapes as P; "
+    "python -c \"from PIL import Image; from denseclip.data.procedural import ProceduralShapes as P; "
     "Image.fromarray(P('val').raw(11)[0]).save('shapes.png')\"": [],
     "python demo.py runs/demo/iter_003000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
     "python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k": ["--scale", "48", "32", "--val-size", "2",
@@ -82,10 +82,10 @@ SMOKE = {
     "python bench/train_step.py": ["--config", "denseclip_tiny", "--size", "64", "--iters", "1", "--warmup", "0",
                                    "--no-compile", "--memory-configs"],
     # data/README.md
-    "python -m denseclip.preflight --dataset ade20k": [],
-    "python -m denseclip.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
-    "python -m denseclip.preflight --dataset coco": [],
-    "python -m denseclip.preflight --dataset coco --train-ann my/train.json --train-images my/images --val-ann "
+    "python -m denseclip.data.preflight --dataset ade20k": [],
+    "python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
+    "python -m denseclip.data.preflight --dataset coco": [],
+    "python -m denseclip.data.preflight --dataset coco --train-ann my/train.json --train-images my/images --val-ann "
     "my/val.json --val-images my/images": [],
     "python train.py --dataset folder --data-root data/mine --class-names data/mine/names.txt --out-dir runs/mine":
         SHORT,

@@ -14,10 +14,13 @@ from test_train import ROOT, make_folder_dataset, torchrun  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
-from denseclip import engine  # noqa: E402
-from denseclip.data import SHAPE_CLASSES, ProceduralShapes  # noqa: E402
+from denseclip.configs import config_overrides  # noqa: E402
+from denseclip.run.evaluate import AUG_RATIOS, evaluate  # noqa: E402
+from denseclip.run.visualize import palette  # noqa: E402
+from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES  # noqa: E402
 from denseclip.errors import ConfigError  # noqa: E402
-from denseclip.segmentor import build_model  # noqa: E402
+from denseclip import build_model  # noqa: E402
+from denseclip.inference import slide_inference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +34,14 @@ def test_slide_equals_whole_when_the_crop_covers_the_image(model, size):
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         whole = model(x)
-    assert torch.equal(model.slide_inference(x, crop=96, stride=64), whole)  # one window, clipped to the image
+    assert torch.equal(slide_inference(model, x, crop=96, stride=64), whole)  # one window, clipped to the image
     probs_slide = model.predict(x, mode="slide")  # the config's test_crop 128 covers it too
     assert torch.equal(probs_slide, model.predict(x, mode="whole"))
 
 
 def test_slide_windows_cover_every_pixel(model):
     x = torch.randn(1, 3, 64, 96)
-    out = model.slide_inference(x, crop=48, stride=32)  # overlapping windows, averaged
+    out = slide_inference(model, x, crop=48, stride=32)  # overlapping windows, averaged
     assert out.shape == (1, len(SHAPE_CLASSES), 64, 96) and torch.isfinite(out).all()
 
 
@@ -48,18 +51,18 @@ def test_aug_test_at_ratio_one_without_flip_is_single_scale(model):
         single = model(x).softmax(dim=1)
     assert torch.equal(model.predict(x, ratios=(1.0,), flip=False, mode="whole"), single)
     # the full official aug test: probabilities at the requested size, and flipping the input flips the output
-    probs = model.predict(x, out_size=(50, 70), ratios=engine.AUG_RATIOS, flip=True, mode="whole")
+    probs = model.predict(x, out_size=(50, 70), ratios=AUG_RATIOS, flip=True, mode="whole")
     assert probs.shape == (2, len(SHAPE_CLASSES), 50, 70)
     assert torch.allclose(probs.sum(1), torch.ones(2, 50, 70), atol=1e-5)
-    flipped = model.predict(x.flip(-1), out_size=(50, 70), ratios=engine.AUG_RATIOS, flip=True, mode="whole")
+    flipped = model.predict(x.flip(-1), out_size=(50, 70), ratios=AUG_RATIOS, flip=True, mode="whole")
     assert torch.allclose(flipped, probs.flip(-1), atol=1e-5)
 
 
 def test_evaluate_ratio_one_equals_default(model):
     ds = ProceduralShapes("val", size=64, length=4)
     cpu = torch.device("cpu")
-    a = engine.evaluate(model, ds, cpu)
-    b = engine.evaluate(model, ds, cpu, ratios=[1.0], flip=False, mode="slide")
+    a = evaluate(model, ds, cpu)
+    b = evaluate(model, ds, cpu, ratios=[1.0], flip=False, mode="slide")
     assert torch.equal(a.mat, b.mat)
 
 
@@ -98,12 +101,12 @@ def test_distributed_eval_matches_one_process(model, tmp_path):
 
 
 def test_config_overrides():
-    assert engine.config_overrides(["head_dropout=0", "test_mode=slide", "vision_layers=(1, 2)"]) == \
+    assert config_overrides(["head_dropout=0", "test_mode=slide", "vision_layers=(1, 2)"]) == \
         {"head_dropout": 0, "test_mode": "slide", "vision_layers": (1, 2)}
     with pytest.raises(ConfigError, match="head_dropuot"):
-        engine.config_overrides(["head_dropuot=0"])
+        config_overrides(["head_dropuot=0"])
 
 
 def test_palette_is_fixed():
-    pal = engine.palette()
+    pal = palette()
     assert len(pal) == 768 and pal[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0] and pal[-3:] == [224, 224, 192]

@@ -15,13 +15,17 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import roi_align
 
 import official_keys
-from denseclip import build_model, engine
+from denseclip import build_model
+from denseclip.data.options import build_dataset
+from denseclip.run.visualize import draw_detections, palette
 from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_maskrcnn_heads_to_ours
-from denseclip.coco import STAT_NAMES, CocoDetection, CocoEvaluator, ProceduralDetection
-from denseclip.data import sample_rng
-from denseclip.detection import DenseCLIPFeatures
-from denseclip.maskrcnn import MMDetRoIAlign
-from denseclip.transforms import CLIP_MEAN, CLIP_STD
+from denseclip.data.coco import CocoDetection
+from denseclip.data.procedural import ProceduralDetection
+from denseclip.run.coco_eval import CocoEvaluator, STAT_NAMES
+from denseclip.data.transforms import sample_rng
+from denseclip.detection.features import DenseCLIPFeatures
+from denseclip.detection.maskrcnn import MMDetRoIAlign
+from denseclip.clip import CLIP_MEAN, CLIP_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_coco import make_coco_dataset  # noqa: E402
@@ -93,9 +97,9 @@ def test_masks_follow_flip_resize_and_pad(tmp_path, tiny):
 def test_procedural_training_data_has_masks_for_maskrcnn_only():
     args = train.parse_args(["--model", "maskrcnn_tiny"])
     cfg = build_model("maskrcnn_tiny", NAMES).cfg
-    assert engine.build_dataset(args, "train", cfg).masks and not engine.build_dataset(args, "val", cfg).masks
+    assert build_dataset(args, "train", cfg).masks and not build_dataset(args, "val", cfg).masks
     args = train.parse_args(["--model", "retinanet_tiny"])
-    assert not engine.build_dataset(args, "train", build_model("retinanet_tiny", NAMES).cfg).masks
+    assert not build_dataset(args, "train", build_model("retinanet_tiny", NAMES).cfg).masks
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -211,12 +215,12 @@ def test_show_dir_picture_draws_boxes_and_mask_outlines():
     mask[0, 10:20, 5:25] = 1
     det = {"boxes": torch.tensor([[30.0, 5.0, 45.0, 35.0]]), "scores": torch.tensor([0.9]),
            "labels": torch.tensor([1]), "masks": mask}
-    pic = np.asarray(engine.draw_detections(image, det, NAMES))
-    colour = engine.palette()[6:9]  # class 1 -> palette index 2
+    pic = np.asarray(draw_detections(image, det, NAMES))
+    colour = palette()[6:9]  # class 1 -> palette index 2
     assert pic.shape == (40, 50, 3) and (pic[20, 30] == colour).all() and (pic[5, 38] == colour).all()  # box edges
     assert (pic[10, 5:25] == colour).all() and (pic[15, 5] == colour).all() and (pic[15, 10:20] == 0).all()
     low = {**det, "scores": torch.tensor([0.1])}
-    assert not np.asarray(engine.draw_detections(image, low, NAMES)).any()  # under the score threshold
+    assert not np.asarray(draw_detections(image, low, NAMES)).any()  # under the score threshold
 
 
 # ------------------------------------------------------------------------------------ official checkpoints

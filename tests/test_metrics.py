@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from denseclip.metrics import ConfusionMatrix
+from denseclip.run.metrics import ConfusionMatrix
 
 
 def reference(preds, targets, num_classes, ignore=255):

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip.data import SHAPE_CLASSES
+from denseclip.data.procedural import SHAPE_CLASSES
 from denseclip.language import tokenize_class_names
-from denseclip.segmentor import build_model
+from denseclip import build_model
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from denseclip.data import SHAPE_CLASSES
+from denseclip.data.procedural import SHAPE_CLASSES
 from denseclip.progress import format_eta, progress
-from denseclip.segmentor import build_model
+from denseclip import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

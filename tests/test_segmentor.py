@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip.segmentor import build_model, seg_cross_entropy
+from denseclip import build_model
+from denseclip.inference import slide_inference
+from denseclip.segmentor import seg_cross_entropy
 
 NAMES = ["background", "circle", "square", "triangle"]
 
@@ -116,9 +118,9 @@ def test_slide_equals_whole_when_crop_covers_image(tiny):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         whole = tiny(x)
-        assert torch.allclose(tiny.slide_inference(x, crop=128, stride=85), whole, atol=1e-5)
+        assert torch.allclose(slide_inference(tiny, x, crop=128, stride=85), whole, atol=1e-5)
         # overlapping windows: every pixel covered, output is the per-pixel mean of the windows
-        slid = tiny.slide_inference(x, crop=64, stride=32)
+        slid = slide_inference(tiny, x, crop=64, stride=32)
         left, right = tiny(x[..., :64]), tiny(x[..., 32:])
         assert torch.allclose(slid[..., 40:56], (left[..., 40:56] + right[..., 8:24]) / 2, atol=1e-5)
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from denseclip.data import SHAPE_CLASSES
-from denseclip.segmentor import build_model
+from denseclip.data.procedural import SHAPE_CLASSES
+from denseclip import build_model
 from test_train import torchrun
 
 NO_DROPOUT = dict(head_dropout=0.0, decoder_dropout=0.0)
@@ -107,7 +107,7 @@ def test_bf16_autocast_keeps_losses_bn_statistics_and_score_map_in_fp32():
 
 
 def test_checkpoint_activations_same_gradients_and_bn_statistics():
-    from denseclip.activation_checkpoint import checkpoint_activations
+    from denseclip.run.activation_checkpoint import checkpoint_activations
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)

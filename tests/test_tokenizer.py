@@ -14,7 +14,7 @@ import clip
 import pytest
 import torch
 
-from denseclip.data import ADE20K_CLASSES  # mmseg's 150 names, verbatim ('bed ' with its trailing space)
+from denseclip.data.classes import ADE20K_CLASSES  # mmseg's 150 names, verbatim ('bed ' with its trailing space)
 from denseclip.tokenizer import SimpleTokenizer, tokenize
 
 

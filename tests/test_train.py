@@ -17,10 +17,10 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluation  # noqa: E402  (repo-root scripts)
 import train  # noqa: E402
-from denseclip import optim  # noqa: E402
-from denseclip.data import SHAPE_CLASSES, render_shapes  # noqa: E402
+from denseclip.run import optim  # noqa: E402
+from denseclip.data.procedural import SHAPE_CLASSES, render_shapes  # noqa: E402
 from denseclip.errors import ConfigError, DataError  # noqa: E402
-from denseclip.segmentor import build_model  # noqa: E402
+from denseclip import build_model  # noqa: E402
 
 TINY = ["--crop-size", "64", "--batch-size", "2", "--log-interval", "1", "--eval-interval", "0", "--workers", "0",
         "--val-size", "8"]

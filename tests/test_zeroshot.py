@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from peers import openai_clip, tiny_openai_clip
 
-from denseclip.clip import load_clip
-from denseclip.data import SHAPE_CLASSES, ProceduralShapes
-from denseclip.metrics import ConfusionMatrix
+from denseclip.checkpoint import load_clip
+from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES
+from denseclip.run.metrics import ConfusionMatrix
 from denseclip.zeroshot import IMAGENET_TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 ROOT = Path(__file__).resolve().parents[1]

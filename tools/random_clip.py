@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from denseclip.clip import CLIP, ModifiedResNet, TextEncoder
+from denseclip.clip import CLIP, TextEncoder
+from denseclip.resnet import ModifiedResNet
 from denseclip.configs import denseclip_tiny
 
 

@@ -1,10 +1,10 @@
 """Data pre-flight: every problem of a file dataset found before the first training step, and reported together.
 
-train.py and eval.py call `check_data` before building the model; `python -m denseclip.preflight` runs the same
+train.py and eval.py call `check_data` before building the model; `python -m denseclip.data.preflight` runs the same
 checks alone (decoding every file by default):
 
-    python -m denseclip.preflight --dataset folder --data-root data/mine --class-names names.txt
-    python -m denseclip.preflight --dataset coco --data-root data/coco
+    python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names names.txt
+    python -m denseclip.data.preflight --dataset coco --data-root data/coco
 
 Segmentation (ade20k, folder), quick (the scripts' default): every image has a label and every label an image;
 image files with another extension than --img-suffix; image and label sizes equal, read from the file headers (EXIF
@@ -37,11 +37,11 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from . import coco, data
-from .configs import task_of
-from .engine import add_data_args, coco_files, dataset_class_names, split_files
-from .errors import DataError, run_main
-from .progress import progress
+from ..configs import task_of
+from ..errors import DataError, run_main
+from ..progress import progress
+from . import coco, image_io, segmentation
+from .options import add_data_args, coco_files, dataset_class_names, split_files
 from .transforms import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -76,7 +76,7 @@ def _header(pair):
     img, ann = pair
     try:
         with Image.open(img) as im:
-            w, h = data.oriented_size(im)
+            w, h = image_io.oriented_size(im)
     except (OSError, ValueError, SyntaxError) as e:
         return "unreadable image(s)", f"{img}: {e}"
     try:
@@ -93,7 +93,7 @@ def _header(pair):
 
 def label_problem(path, num_classes: int, reduce_zero_label: bool):
     """(kind, message) when a label cannot be decoded or holds values outside the classes (and 255), else None.
-    The same rule as data.read_label, counted with one bincount over the stored values (ADE20K's 2,000 validation
+    The same rule as image_io.read_label, counted with one bincount over the stored values (ADE20K's 2,000 validation
     labels: a few seconds)."""
     try:
         with Image.open(path) as im:
@@ -118,7 +118,7 @@ def label_problem(path, num_classes: int, reduce_zero_label: bool):
 def _corrupt(img):
     """("corrupt image(s)", message) when the image cannot be decoded as the loader decodes it, else None."""
     try:
-        data.read_image(img)
+        image_io.read_image(img)
     except DataError as e:
         return "corrupt image(s)", f"{img}: {e.__cause__ or e}"
     return None
@@ -140,7 +140,7 @@ def check_split(name: str, files, num_classes: int, decode: str, findings: Findi
             findings.add("missing folder(s)", f"{folder} ({name} {what}); see data/README.md for the layout")
     if not img_dir.is_dir() or not ann_dir.is_dir():
         return 0
-    pairs, no_label, no_image = data.find_pairs(img_dir, ann_dir, img_suffix, seg_suffix)
+    pairs, no_label, no_image = segmentation.find_pairs(img_dir, ann_dir, img_suffix, seg_suffix)
     for img in no_label:
         findings.add(f"{name} image(s) without a label (expected <same stem>{seg_suffix} under {ann_dir})", img)
     other = [p for p in img_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and
@@ -183,7 +183,7 @@ def _listed(path: Path, size, ann: Path, missing: str):
     header, or None."""
     try:
         with Image.open(path) as im:
-            upright = data.oriented_size(im)
+            upright = image_io.oriented_size(im)
     except FileNotFoundError:
         return missing, path
     except (OSError, ValueError, SyntaxError) as e:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def init_distributed(device: str = None):

@@ -27,9 +27,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from .configs import DetectionConfig
-from .detection import DenseCLIPFeatures, MMDetAnchorGenerator, clip_backbone
-from .transforms import CLIP_MEAN, CLIP_STD
+from ..clip import CLIP_MEAN, CLIP_STD
+from ..configs import DetectionConfig
+from .anchors import MMDetAnchorGenerator
+from .features import DenseCLIPFeatures, clip_backbone
 
 BOX_ROI_SIZE, MASK_ROI_SIZE = 7, 14  # mmdet's bbox / mask roi_layer output_size (the mask head upsamples to 28)
 

@@ -7,7 +7,7 @@ Layouts (all arrays uint8 RGB, (H, W, 3); the photo keeps its size and sits at t
     score_picture:       title row, then [ photo | heat map of name 1 | ... | colour bar with max / min ]
 Heat maps share one value range per picture (written at the ends of the bar), so the names compare directly;
 the colour map ("hot": black -> red -> yellow -> white) is monotone in every channel, so brighter = higher score.
-Class colours are the fixed palette of engine.palette() (PASCAL VOC's), the one the label PNGs carry.
+Class colours are the fixed palette of visualize.palette() (PASCAL VOC's), the one the label PNGs carry.
 """
 import json
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .transforms import CLIP_MEAN, CLIP_STD
+from ..clip import CLIP_MEAN, CLIP_STD
 
 ALPHA = 0.5  # weight of the class colour in the blend: the photo stays readable under it
 HEAT_ALPHA = 0.7  # weight of the heat colour over the photo: the map dominates, the scene stays visible
@@ -114,3 +114,49 @@ def label_png(pred: np.ndarray, palette: Sequence[int]) -> Image.Image:
     im = Image.fromarray(pred.astype(np.uint8), mode="P")
     im.putpalette(list(palette))
     return im
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def palette() -> list:
+    """PASCAL VOC's colour map (class bits spread over the high bits of R, G, B): 256 fixed, distinct colours;
+    index 0 is black and 255 (ignore) a pale grey."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        for j in range(8):
+            r |= ((i >> (3 * j)) & 1) << (7 - j)
+            g |= ((i >> (3 * j + 1)) & 1) << (7 - j)
+            b |= ((i >> (3 * j + 2)) & 1) << (7 - j)
+        pal += [r, g, b]
+    return pal
+
+
+
+SHOW_SCORE_THR = 0.3  # --show-dir draws detections above this score (mmdet's show_result default)
+
+
+
+def mask_outline(mask: torch.Tensor) -> torch.Tensor:
+    """(H, W) binary mask -> (H, W) bool: its pixels with a neighbour (of the 8) outside it or off the image."""
+    outside = torch.nn.functional.pad(1 - mask.bool().float()[None, None], (1, 1, 1, 1), value=1)  # (1, 1, H+2, W+2)
+    return mask.bool() & (torch.nn.functional.max_pool2d(outside, 3, stride=1)[0, 0] > 0)  # (H, W)
+
+
+
+def draw_detections(image: torch.Tensor, det: dict, class_names, score_thr: float = SHOW_SCORE_THR) -> Image.Image:
+    """An RGB picture of `det` over `image` (3, H, W) in [0, 1]: per detection above score_thr its box, "name
+    score" and, for Mask R-CNN, its mask outline, in the class's palette colour."""
+    keep = det["scores"] >= score_thr
+    canvas = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pal = palette()
+    colours = [tuple(pal[3 * (k + 1): 3 * (k + 2)]) for k in det["labels"][keep].tolist()]  # index 0 is black
+    if "masks" in det:
+        for mask, colour in zip(det["masks"][keep].cpu(), colours):
+            canvas[mask_outline(mask).numpy()] = colour
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    for box, score, label, colour in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
+                                         det["labels"][keep].tolist(), colours):
+        draw.rectangle(box, outline=colour, width=1)
+        draw.text((box[0] + 2, box[1] + 1), f"{class_names[label]} {score:.2f}", fill=colour)
+    return picture

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's RGB statistics, for pixels scaled to [0, 1]
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..clip import CLIP_MEAN, CLIP_STD
+
 IGNORE_INDEX = 255
 
 
@@ -225,3 +225,11 @@ class TestTransform:
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None):
         w, h = rescale_size(image.shape[1], image.shape[0], self.scale)
         return normalize(resize_image(to_tensor(image), w, h)), torch.from_numpy(label.astype(np.int64))
+
+
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The one source of randomness for sample `index` of `epoch`: independent of process, worker and history."""
+    return np.random.default_rng([seed, epoch, index])

@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .clip import Bottleneck, ResidualAttentionBlock, TextEncoder
+from ..clip import ResidualAttentionBlock, TextEncoder
+from ..resnet import Bottleneck
 
 BLOCKS = (Bottleneck, ResidualAttentionBlock, torchvision.models.resnet.Bottleneck)
 

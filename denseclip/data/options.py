@@ -1,0 +1,145 @@
+"""The data options of train.py, eval.py and the pre-flight (`add_data_args`), and the datasets they name
+(`build_dataset`): procedural shapes, ADE20K, a user folder, or COCO-format detection data."""
+import argparse
+import os
+from pathlib import Path
+
+from ..configs import DenseCLIPConfig, check_class_names, task_of
+from ..errors import ConfigError, MissingFileError
+from . import transforms
+from .classes import ADE20K_CLASSES
+from .coco import CocoDetection
+from .procedural import SHAPE_CLASSES, ProceduralDetection, ProceduralShapes
+from .segmentation import ADE20K, FolderSegmentation, read_class_names
+
+
+# -------------------------------------------------------------------------------------------- options
+def add_data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder", "coco"], default="procedural",
+                   help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
+                        "layout; folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
+                        "any COCO-format json + image folder (see --train-ann)")
+    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root; "
+                                       "coco: default data/coco")
+    g.add_argument("--train-ann", help="coco: training annotations (default DATA_ROOT/annotations/"
+                                       "instances_train2017.json); class names come from its categories")
+    g.add_argument("--train-images", help="coco: training image folder (default DATA_ROOT/train2017)")
+    g.add_argument("--val-ann", help="coco: validation annotations (default DATA_ROOT/annotations/"
+                                     "instances_val2017.json)")
+    g.add_argument("--val-images", help="coco: validation image folder (default DATA_ROOT/val2017)")
+    g.add_argument("--img-dir", default="images", help="folder: images under DATA_ROOT/IMG_DIR/SPLIT")
+    g.add_argument("--ann-dir", default="annotations", help="folder: labels (same stem) under DATA_ROOT/ANN_DIR/SPLIT")
+    g.add_argument("--train-split", default="training", help="folder: training split name (default: training)")
+    g.add_argument("--val-split", default="validation", help="folder: validation split name (default: validation)")
+    g.add_argument("--img-suffix", default=".jpg")
+    g.add_argument("--seg-suffix", default=".png")
+    g.add_argument("--reduce-zero-label", action="store_true", help="folder: label 0 is 'other' (ignored), k -> k-1")
+    g.add_argument("--class-names", help="folder: a text file with one class name per line, or 'cat,dog,sky'")
+    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
+                   help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
+    g.add_argument("--crop-size", type=int,
+                   help="training crop (default: the model's input_resolution); procedural: the image size")
+    g.add_argument("--train-size", type=int, help="procedural: training images per epoch (default: segmentation 20000, "
+                                                  "detection 2000)")
+    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
+    g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
+                   help="pre-flight before the first step: quick (default: files paired / listed, sizes from "
+                        "headers, validation labels decoded), full (decode every file, in parallel), off")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
+
+
+
+def class_names_arg(value: str) -> list:
+    """--class-names: a text file (one name per line) or 'cat,dog,sky'. A value that looks like a path (a folder
+    separator or a file extension, no comma) but names no file is a missing file, not a one-class list."""
+    path = Path(value)
+    if path.is_file():
+        return read_class_names(path)
+    if "," not in value and ("/" in value or os.sep in value or path.suffix in (".txt", ".names", ".csv", ".json")):
+        raise MissingFileError(f"--class-names {value}: no such file (give a text file with one class name per "
+                               "line, or the names themselves: 'cat,dog,sky')")
+    return check_class_names(value.split(","))
+
+
+
+def split_files(args, split: str):
+    """(image folder, label folder, image suffix, label suffix, reduce_zero_label) of the train or val split of
+    a file dataset (ade20k, folder); None for the procedural one."""
+    train = split == "train"
+    if args.dataset == "procedural":
+        return None
+    if args.dataset == "ade20k":
+        root, sub = Path(args.data_root or "data/ade/ADEChallengeData2016"), "training" if train else "validation"
+        return root / "images" / sub, root / "annotations" / sub, ".jpg", ".png", True
+    if not args.data_root or not args.class_names:
+        raise ConfigError("--dataset folder needs --data-root and --class-names")
+    root, sub = Path(args.data_root), args.train_split if train else args.val_split
+    return root / args.img_dir / sub, root / args.ann_dir / sub, args.img_suffix, args.seg_suffix, \
+        args.reduce_zero_label
+
+
+
+def coco_files(args, split: str):
+    """(image folder, annotation json) of the train or val split of --dataset coco: the --train-* / --val-*
+    options, or COCO 2017's layout under --data-root (default data/coco)."""
+    train, root = split == "train", Path(args.data_root or "data/coco")
+    ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
+    return Path((args.train_images if train else args.val_images) or root / f"{split}2017"), Path(ann)
+
+
+
+def dataset_class_names(args) -> list:
+    if args.dataset == "procedural":
+        return list(SHAPE_CLASSES)
+    if args.dataset == "ade20k":
+        return list(ADE20K_CLASSES)
+    if not args.class_names:
+        raise ConfigError("--dataset folder needs --data-root and --class-names")
+    return class_names_arg(args.class_names)
+
+
+
+def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
+    """The train or val dataset named by the data options; split is 'train' or 'val'."""
+    if args.model and task_of(args.model) == "detection":  # no model: zero-shot from CLIP weights (segmentation)
+        return build_detection_dataset(args, split, model_cfg)
+    crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
+    n = None if train else args.val_size or None  # 0 or unset: all
+    if args.dataset == "coco":
+        raise ConfigError(f"--dataset coco is detection data; {args.model} is a segmentation model")
+    if args.dataset == "procedural":
+        return ProceduralShapes(split, size=crop, length=args.train_size if train else n, seed=args.seed)
+    transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
+        else transforms.TestTransform(scale=tuple(args.scale))
+    if args.dataset == "ade20k":
+        dataset = ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
+                              transform, seed=args.seed)
+    else:
+        img_dir, ann_dir, img_suffix, seg_suffix, reduce_zero = split_files(args, split)
+        dataset = FolderSegmentation(img_dir, ann_dir, dataset_class_names(args), transform, img_suffix,
+                                          seg_suffix, reduce_zero, seed=args.seed)
+    dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
+    return dataset
+
+
+
+def build_detection_dataset(args, split: str, model_cfg):
+    """Detection data: procedural shapes with boxes (images the size of the model's min_size unless --crop-size),
+    or COCO-format files; Mask R-CNN's training data also gives instance masks; --val-size keeps the first N
+    validation images (COCOeval then scores only those)."""
+    train = split == "train"
+    n = (args.train_size if train else args.val_size) or None
+    masks = train and model_cfg.detector == "maskrcnn"  # instance masks: Mask R-CNN's training targets
+    if args.dataset == "procedural":
+        return ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed,
+                                        masks=masks)
+    n = None if train else n
+    if args.dataset != "coco":
+        raise ConfigError(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
+                         "--dataset coco (COCO or a COCO-format json) or procedural")
+    images, ann = coco_files(args, split)
+    dataset = CocoDetection(images, ann, train=train, seed=args.seed, masks=masks)
+    dataset.ids = dataset.ids[:n]
+    return dataset

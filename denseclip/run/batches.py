@@ -1,0 +1,52 @@
+"""The training batch stream: endless, distributed, resumable from (epoch, samples seen) alone."""
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------- distributed data
+def collate_detection(batch):
+    """[(image, target), ...] -> (list of images, list of targets): detection images keep their own sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+
+def to_device(batch, device: torch.device):
+    """Move a segmentation batch (two tensors) or a detection batch (two lists) to `device`."""
+    images, labels = batch
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return ([im.to(device, non_blocking=True) for im in images],
+            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in labels])
+
+
+
+def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
+    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
+
+    Epoch e is the permutation rng(seed, e) of the dataset, cut to whole global micro-batches; rank r takes
+    positions r, r + world, ... (DistributedSampler's split), batch_size at a time. After k batches on every rank
+    exactly the first k * batch_size * world positions are consumed, so (epoch, seen) is the whole data state."""
+    per_step = batch_size * world
+    while True:
+        n = len(dataset) // per_step * per_step
+        if n == 0:
+            raise ValueError(f"{len(dataset)} training samples make no micro-batch of {per_step}")
+        mine = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank:n:world].tolist()
+        batches = [mine[i:i + batch_size] for i in range(seen // world, n // world, batch_size)]
+        dataset.set_epoch(epoch)  # before the loader forks its workers: they copy the dataset
+        # A private generator: the loader's worker base seed must not consume the global RNG that dropout uses
+        # (exact resume); the datasets draw from rng(seed, epoch, index) anyway.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             pin_memory=torch.cuda.is_available(),
+                                             generator=torch.Generator().manual_seed(seed + epoch),
+                                             collate_fn=collate_detection if is_detection(dataset) else None)
+        for k, (images, labels) in enumerate(loader, 1):
+            yield epoch, seen + k * per_step, images, labels
+        epoch, seen = epoch + 1, 0
+
+
+
+def is_detection(obj) -> bool:
+    """A detection dataset or model (their `task`); segmentation ones may not say."""
+    return getattr(obj, "task", "segmentation") == "detection"

@@ -1,0 +1,34 @@
+"""The training step's pieces: mixed precision (autocast) and the stop on a non-finite loss."""
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, TrainingError
+from .checkpoints import latest_checkpoint
+
+
+def autocast(device: torch.device, amp: str):
+    """torch.autocast for --amp {bf16, fp16}; a no-op for 'none'."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+
+def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
+    """Raise TrainingError, on every rank together, when a loss term of this step is NaN or infinite. Called before
+    the optimiser step, so no weight has been touched and the latest checkpoint is the last good one."""
+    bad = (~torch.isfinite(torch.stack([v.float() for v in losses.values()]))).any().float()
+    if world > 1:
+        dist.all_reduce(bad)  # one rank's NaN stops them all (the others would wait for it forever)
+    if bad.item():
+        last = latest_checkpoint(out_dir)
+        terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        kept = f"{last} is the last good checkpoint" if last else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite loss at iteration {step} ({terms}{' on this rank' if world > 1 else ''}); "
+                            f"stopped before the update: {kept}. Try a lower --lr, --clip-grad 1.0, --amp none (or "
+                            "bf16), or check the data with --check-data full")
