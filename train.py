@@ -40,7 +40,7 @@ from denseclip.run.checkpoints import latest_checkpoint, prune_checkpoints, rng_
 from denseclip.run.evaluate import evaluate
 from denseclip.run.step import autocast, stop_if_not_finite
 from denseclip.errors import ConfigError, require_file, run_main
-from denseclip.language import PixelTextMatching
+from denseclip.language import text_once_parameters, text_once_per_step
 from denseclip.run.optim import CUSTOM_KEYS, lr_at, param_groups, step_lr_at
 from denseclip.data.preflight import check_data
 
@@ -238,9 +238,8 @@ def main(argv=None):
     # The text encoder runs once per optimiser step, not once per micro-batch (PixelTextMatching.text_once_per_step);
     # its backward happens after the micro-batches', outside DDP, so its parameters leave DDP's reducer and are
     # averaged over the ranks by text_once_per_step itself.
-    matchers = [m for m in model.modules() if isinstance(m, PixelTextMatching)]
     if world > 1:
-        text_params = {id(p) for m in matchers for p in m.text_once_parameters()}
+        text_params = {id(p) for p in text_once_parameters(model)}
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [name for name, p in model.named_parameters() if id(p) in text_params])
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -302,9 +301,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_of(it, group["initial_lr"])
         step_losses = {}
-        with contextlib.ExitStack() as text_once:
-            for m in matchers:
-                text_once.enter_context(m.text_once_per_step(all_reduce=world > 1))
+        with text_once_per_step(model_without_ddp, all_reduce=world > 1):
             for micro in range(accum):
                 epoch, seen, images, labels = next(batches)
                 images, labels = to_device((images, labels), device)  # detection: lists of images and target dicts

@@ -208,3 +208,23 @@ class PixelTextMatching(nn.Module):
         with torch.autocast(z_dense.device.type, enabled=False):  # fp32 cosines (module docstring)
             return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense.float(), dim=1),
                                 F.normalize(text.float(), dim=2))  # (B, K, h, w)
+
+
+def text_once_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters that text_once_per_step backpropagates itself, of every text side inside `model`."""
+    return [p for m in model.modules() if isinstance(m, PixelTextMatching) for p in m.text_once_parameters()]
+
+
+@contextlib.contextmanager
+def text_once_per_step(model: nn.Module, all_reduce: bool = False):
+    """PixelTextMatching.text_once_per_step for every text side inside `model` (the unwrapped model)."""
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, PixelTextMatching):
+                stack.enter_context(m.text_once_per_step(all_reduce))
+        yield
+
+
+def drop_text_encoder(model: nn.Module) -> nn.Module:
+    """PixelTextMatching.drop_text_encoder (official issue #40): keep the text features, delete the text encoder."""
+    return model.drop_text_encoder()
