@@ -1,5 +1,6 @@
-"""Docs that run: every command shown in README.md and data/README.md is executed here in a smoke form, so a
-documented flag, path or layout cannot drift from the code.
+"""Docs that run: every command shown in README.md, data/README.md and the pages under docs/ is executed here in a
+smoke form, so a documented flag, path or layout cannot drift from the code; every relative link between them
+resolves (file and heading), and README.md stays short.
 
 SMOKE maps each documented command (whitespace-normalised, as written) to the arguments appended for its smoke run:
 the documented arguments themselves are parsed by the real script, and the appended ones (argparse: the last value
@@ -31,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES  # noqa: E402
 
-DOCS = ("README.md", "data/README.md")
+DOCS = ("README.md", "data/README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
+README_MAX_LINES = 200  # issue 14: what, two commands, paper -> code, headline results, links; the rest under docs/
 TINY = ["--model", "denseclip_tiny"]
 SHORT = ["--iters", "1", "--batch-size", "2", "--global-batch", "2", "--crop-size", "32", "--scale", "48", "32",
          "--val-size", "2", "--eval-interval", "0", "--workers", "0", "--set", "test_mode=whole"]
@@ -43,7 +45,7 @@ COCO_TINY = ["--model", "retinanet_tiny", "--iters", "1", "--batch-size", "2", "
              "2", "--eval-interval", "0", "--workers", "0", "--set", "min_size=64", "--set", "max_size=107"]
 
 SMOKE = {
-    # README.md
+    # README.md: set-up, ADE20K, results
     "pip install -e .": [],
     'pip install -e ".[dev]"': [],
     "python train.py": [*SHORT, "--out-dir", "runs/smoke"],
@@ -57,10 +59,12 @@ SMOKE = {
                                                                                      "--val-size", "2", "--workers",
                                                                                      "0"],
     "python train.py --help": [],
+    # docs/detection.md (the first also in README.md's results)
     "python train.py --model retinanet_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
     "python train.py --model retinanet_tiny": [*DET, "--out-dir", "runs/smoke"],
     "python train.py --model maskrcnn_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
-    # README.md: pictures, zero-shot, curves (runs/demo, shapes.png and pretrained/random_tiny.pt: the fixture)
+    # docs/zero-shot.md: pictures, zero-shot; README.md: curves (runs/demo, shapes.png, pretrained/random_tiny.pt:
+    # the fixture)
     "python -c \"from PIL import Image; from denseclip.data.procedural import ProceduralShapes as P; "
     "Image.fromarray(P('val').raw(11)[0]).save('shapes.png')\"": [],
     "python demo.py runs/demo/iter_003000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
@@ -72,9 +76,11 @@ SMOKE = {
     "python train.py --out-dir runs/demo": [*SHORT, "--out-dir", "runs/smoke"],
     'pip install -e ".[tensorboard]"': [],
     "python tools/plot_log.py runs/demo": [],
+    # docs/detection.md: COCO
     "torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained "
     "pretrained/RN50.pt --out-dir runs/retina_r50": [*COCO_TINY, "--out-dir", "runs/smoke"],
     "python eval.py runs/retina_r50/iter_NNNNNN.pt --out dets.json": ["--workers", "0"],
+    # docs/speed.md (complexity.py also in README.md's results)
     "python bench/complexity.py": ["--configs", "denseclip_tiny", "--size", "64"],
     "python bench/throughput.py --configs denseclip_tiny fpn_tiny --iters 2 --warmup 1": [
         "--configs", "denseclip_tiny", "--iters", "1", "--warmup", "0", "--size", "64"],
@@ -124,6 +130,57 @@ def test_every_documented_command_has_a_smoke_form():
                          "in tests/test_docs.py:\n  " + "\n  ".join(missing))
     stale = [cmd for cmd in SMOKE if cmd not in documented]
     assert not stale, f"SMOKE rows for commands no longer documented (delete them): {stale}"
+
+
+LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)|<img src="([^"]+)"')
+
+
+def heading_anchors(text: str) -> set:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces become hyphens."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_relative_links_resolve():
+    broken = []
+    for doc in (*DOCS, "bench/README.md"):
+        path = ROOT / doc
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in (a or b for a, b in LINK.findall(text)):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{doc}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest.read_text()):
+                broken.append(f"{doc}: {target} (no such heading in {dest.relative_to(ROOT)})")
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_paper_to_code_table_names_what_exists():
+    """Every file and function in README.md's "Paper -> code" table exists: `file.py`: `Class.method`, `function`."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Paper → code"):].split("\n## ", 1)[0]
+    rows = [line.rsplit("|", 2)[-2] for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 10, "no Paper -> code table found"
+    missing = []
+    for code in rows:
+        source = None
+        for span in re.findall(r"`([^`]+)`", code):
+            if span.endswith(".py"):
+                path = ROOT / "denseclip" / span if (ROOT / "denseclip" / span).exists() else ROOT / span
+                source = path.read_text() if path.exists() else missing.append(f"{span} (no such file)")
+                continue
+            for name in re.sub(r"\(.*\)", "", span).split("."):
+                if source is not None and not re.search(rf"^\s*(?:def|class) {name}\b", source, re.M):
+                    missing.append(f"{span} (no {name} in the file before it)")
+    assert not missing, "README.md's Paper -> code table names what is not there:\n  " + "\n  ".join(missing)
+
+
+def test_readme_is_short():
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines, at most {README_MAX_LINES}: move the detail to docs/"
 
 
 def write_tree(root: Path, n_classes: int, zero_is_other: bool, sizes=((32, 24), (24, 32))):
