@@ -39,7 +39,7 @@ from torch import nn
 
 from .clip import CLIP, TextEncoder, VisionTransformer, resize_pos_embed
 from .errors import MissingFileError, UserError
-from .language import decode_names
+from .language import decode_names, drop_text_encoder
 from .resnet import ModifiedResNet
 
 
@@ -292,7 +292,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
                                   f"{list(model.class_names)[:10]} ({model.num_classes}): its text features cannot "
                                   "change, so build the model with the export's class names")
         if hasattr(model, "text_encoder"):
-            model.drop_text_encoder()
+            drop_text_encoder(model)
     report = _load_whole(model, sd, meta)
     report.notes = notes
     return report
