@@ -15,6 +15,9 @@ model its weights describe (the architecture is read off the weight shapes, as O
   FCNMaskHead (`rpn_head.*`, `roi_head.*`) mapped onto torchvision's RPN and RoI heads by
   `mmdet_maskrcnn_heads_to_ours`; the rows torchvision has for its background class 0 and mmdet has not are
   filled with zeros and listed in the report's notes;
+- an export without text encoder (language.drop_text_encoder: buffers text_embeddings, text_class_names): the
+  model's own text encoder is dropped before the strict load, once the export's class names are found to be the
+  model's (its text features cannot answer for others);
 - an OpenAI CLIP file (TorchScript archive or state dict): initialises the image encoder (positional
   embeddings resized to the model's grid, as the official init_weights does) and the text encoder
   (positional embedding truncated to the text length). New layers may be missing; CLIP keys the
@@ -302,7 +305,6 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
 _ARCHIVE_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-
 def read_openai_state_dict(path: str) -> dict:
     """State dict of an OpenAI CLIP file: a TorchScript archive (what OpenAI distributes; loading one
     runs no Python pickle code) or a plain state dict, read with weights_only=True. fp16 -> fp32."""
@@ -316,16 +318,13 @@ def read_openai_state_dict(path: str) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
 
 
-
 def openai_to_ours(sd: dict) -> dict:
     """OpenAI key names -> CLIP's: the text tower's top-level keys move under `text.`."""
     return {k if k.startswith("visual.") or k == "logit_scale" else "text." + k: v for k, v in sd.items()}
 
 
-
 def _count(sd: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
 
 
 def clip_architecture(sd: dict) -> dict:
@@ -348,10 +347,8 @@ def clip_architecture(sd: dict) -> dict:
     return dict(visual=visual, text=text)
 
 
-
 def build_visual(kind: str, **cfg) -> nn.Module:
     return VisionTransformer(**cfg) if kind == "vit" else ModifiedResNet(**cfg)
-
 
 
 def load_clip(path_or_state_dict: Union[str, dict]) -> CLIP:

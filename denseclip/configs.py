@@ -343,7 +343,6 @@ def check_class_names(class_names: Sequence[str]) -> list:
     return names
 
 
-
 CONFIGS = {f.__name__: f for f in (denseclip_r50, denseclip_r101, denseclip_vitb16, fpn_clip_r50, fpn_clip_r101,
                                    fpn_clip_vitb16, denseclip_imagenet_r50, denseclip_tiny, fpn_tiny,
                                    retinanet_denseclip_r50, retinanet_clip_r50, retinanet_denseclip_r101,
