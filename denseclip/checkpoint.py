@@ -173,10 +173,10 @@ def _load_partial(model: nn.Module, sd: dict, kind: str, may_be_new, file_names=
     return LoadReport(kind, loaded=sorted(used), missing=missing, unused=unused)
 
 
-def clip_to_segmentor(sd: dict, model: nn.Module):
-    """OpenAI CLIP keys -> segmentor keys: visual.* -> backbone.* (CLIP backbones only), the text tower
-    -> text_encoder.*; positional embeddings adapted to the model's shapes. Other keys keep their name
-    (and end up reported as unused). Returns (state dict, {our key: file key})."""
+def clip_to_model(sd: dict, model: nn.Module):
+    """OpenAI CLIP keys -> a segmentor's or detector's keys: visual.* -> backbone.* (CLIP backbones only), the text
+    tower -> text_encoder.*; positional embeddings adapted to the model's shapes. Other keys keep their name (and end
+    up reported as unused). Returns (state dict, {our key: file key})."""
     target = model.state_dict()
     clip_backbone = model.cfg.backbone in ("resnet", "vit")
     out, file_names = {}, {}
@@ -272,7 +272,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
         sd, meta = read_checkpoint(path_or_state_dict)
     if "token_embedding.weight" in sd or "visual.conv1.weight" in sd:
         new = ("backbone.fpn",) if model.cfg.backbone == "vit" else ()
-        sd, file_names = clip_to_segmentor(sd, model)
+        sd, file_names = clip_to_model(sd, model)
         return _load_partial(model, sd, "clip", lambda k: not k.startswith(("backbone.", "text_encoder.")) or
                              k.startswith(new), file_names)
     if "fc.weight" in sd and "layer1.0.conv1.weight" in sd:

@@ -1,12 +1,13 @@
 """The language side of DenseCLIP, written once for every model (segmentor, detectors, zero-shot, open vocabulary):
 the text path and the score map as functions over explicit modules and tensors, in the paper's order.
 
-    t = TextEncoder([SOT, p_1..p_M, e_k, EOT])  (1, K, D)  language-domain prompting (Sec. 3.3, CoOp): learnable
-                                                            contexts p before each class name e_k; class_text_features
-    t <- t + γ · ContextDecoder(t, [z̄; z])      (B, K, D)  post-model vision-to-language prompting (Sec. 3.3);
-                                                            context_aware_text
-         (pre-model, the paper's ablation: TextEncoder([SOT, PreModelPrompter([z̄; z]), e_k, EOT]) per image)
-    s = ẑ t̂ᵀ                                    (B, K, h, w)  the pixel-text score map (Sec. 3.2), cosines; score_map
+    t  = TextEncoder([SOT, p_1..p_M, e_k, EOT])  (1, K, D)     class_text_features  language-domain prompting
+    t <- t + γ · ContextDecoder(t, [z̄; z])       (B, K, D)     context_aware_text   post-model prompting
+    s  = ẑ t̂ᵀ                                     (B, K, h, w)  score_map            the pixel-text score map
+
+p are the M learnable contexts (CoOp), e_k the tokens of class name k; both promptings are the paper's Sec. 3.3,
+the score map (cosines) its Sec. 3.2. Pre-model prompting (the paper's ablation) replaces p by the per-image
+PreModelPrompter([z̄; z]) and skips the update.
 
 `add_language(model, cfg, class_names)` gives a segmentor or detector these parts as its own attributes, under the
 official top-level names (`text_encoder.*`, `contexts`, `context_decoder.*`, `gamma`, pre-model `prompter.*`, the
