@@ -9,8 +9,8 @@ graph with the same handles, with three adjustments that keep the counts compara
 1. Text encoder excluded from the FLOPs. get_flops.py traces it too, but the table cannot contain it: it is
    74 GFLOPs (150 classes x 13 tokens through 12 layers of width 512), and RN50-DenseCLIP minus RN50-CLIP
    is only 20.4 GFLOPs, which the attention pool alone (19.4) nearly fills. Text features are fixed at
-   inference; our model caches them (`text_features()` in eval under no_grad), so we fill the cache first
-   and count the image forward only. The text encoder is counted separately and shown.
+   inference; our model caches them (`language.class_text_features(model)` in eval under no_grad), so we fill the
+   cache first and count the image forward only. The text encoder is counted separately and shown.
 2. Attention. In torch 1.9 attention ran as two `bmm`s (QK^T and AV) that fvcore counts; we call
    `F.scaled_dot_product_attention`, which fvcore does not know. `sdpa_flop_jit` counts the same two
    products, B*heads*Lq*Lk*(d + d_v) multiply-adds (the full Lq x Lk even when causal, as bmm did).
@@ -78,8 +78,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from denseclip import build_model  # noqa: E402
+from denseclip import build_model, language  # noqa: E402
 from denseclip.configs import CONFIGS, task_of  # noqa: E402
+from denseclip.detection.features import extract_feat  # noqa: E402
 
 # Input (H, W) of the official counts: get_flops.py --fvcore at 1024x1024 for segmentation, mmdet's get_flops
 # default shape (1280, 800) for detection.
@@ -192,12 +193,12 @@ def use_dense_forward(detector: torch.nn.Module):
     head's outputs, then the box head on 1000 fixed proposals and the mask head on the first 100 of them (mmdet
     draws them with torch.randn; RoIAlign itself has no FLOP handle, so where they lie does not change the count)."""
     def forward(x):
-        feats, _ = detector.extract_feat(x)
+        feats, _ = extract_feat(detector, x)
         out = detector.head(feats)
         return out["cls_logits"], out["bbox_regression"]
 
     def forward_two_stage(x):
-        feats, _ = detector.extract_feat(x)
+        feats, _ = extract_feat(detector, x)
         objectness, deltas = detector.rpn.head(feats)
         H, W = x.shape[-2:]
         g = torch.Generator().manual_seed(0)
@@ -229,7 +230,7 @@ def measure(name: str, size=None, class_names: Optional[Sequence[str]] = None) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the cached text features become a constant
         if model.cfg.use_text and model.cfg.prompting != "pre":
-            model.text_features()  # fills the cache: the forward below no longer runs the text encoder
+            language.class_text_features(model)  # fills the cache: the forward below no longer runs the text encoder
             text_gflops = flop_analysis(model.text_encoder, (model.texts, model.contexts)).total() / 1e9
         fca = flop_analysis(model, (torch.randn(1, 3, *size),))
         total, by_module, by_operator = fca.total(), fca.by_module(), fca.by_operator()

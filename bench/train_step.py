@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: E402
 from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
-from denseclip import build_model  # noqa: E402
+from denseclip import build_model, language  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402
@@ -100,7 +100,7 @@ def train_step_fn(model, x, y, device, amp=None, optim="default", accum=1, text_
     cast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def step():
-        with model.text_once_per_step() if text_once else contextlib.nullcontext():
+        with language.text_once_per_step(model) if text_once else contextlib.nullcontext():
             for _ in range(accum):
                 with cast():
                     loss = sum(model(x, y).values()) / accum
@@ -128,7 +128,7 @@ def eval_rows(args, device, B, f_img, row):
     model, x, _ = make(args.config, device, B, args.size)
     model.eval()
     with torch.no_grad():
-        model.text_features()  # fill the cache: evaluation does not run the text encoder
+        language.class_text_features(model)  # fill the cache: evaluation does not run the text encoder
         e32 = row("eval fp32 (text cached)", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             row("eval bf16", timed(lambda: model(x), device, args.iters, args.warmup), f_img * B, torch.bfloat16,
@@ -227,7 +227,7 @@ def main(argv=None):
         opt = torch.optim.AdamW(params, lr=1e-6)
 
         def cstep():
-            with m4.text_once_per_step():
+            with language.text_once_per_step(m4):
                 sum(compiled(x4, y4).values()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -15,6 +15,9 @@ model its weights describe (the architecture is read off the weight shapes, as O
   FCNMaskHead (`rpn_head.*`, `roi_head.*`) mapped onto torchvision's RPN and RoI heads by
   `mmdet_maskrcnn_heads_to_ours`; the rows torchvision has for its background class 0 and mmdet has not are
   filled with zeros and listed in the report's notes;
+- an export without text encoder (language.drop_text_encoder: buffers text_embeddings, text_class_names): the
+  model's own text encoder is dropped before the strict load, once the export's class names are found to be the
+  model's (its text features cannot answer for others);
 - an OpenAI CLIP file (TorchScript archive or state dict): initialises the image encoder (positional
   embeddings resized to the model's grid, as the official init_weights does) and the text encoder
   (positional embedding truncated to the text length). New layers may be missing; CLIP keys the
@@ -39,7 +42,7 @@ from torch import nn
 
 from .clip import CLIP, TextEncoder, VisionTransformer, resize_pos_embed
 from .errors import MissingFileError, UserError
-from .language import decode_names
+from .language import decode_names, drop_text_encoder
 from .resnet import ModifiedResNet
 
 
@@ -170,10 +173,10 @@ def _load_partial(model: nn.Module, sd: dict, kind: str, may_be_new, file_names=
     return LoadReport(kind, loaded=sorted(used), missing=missing, unused=unused)
 
 
-def clip_to_segmentor(sd: dict, model: nn.Module):
-    """OpenAI CLIP keys -> segmentor keys: visual.* -> backbone.* (CLIP backbones only), the text tower
-    -> text_encoder.*; positional embeddings adapted to the model's shapes. Other keys keep their name
-    (and end up reported as unused). Returns (state dict, {our key: file key})."""
+def clip_to_model(sd: dict, model: nn.Module):
+    """OpenAI CLIP keys -> a segmentor's or detector's keys: visual.* -> backbone.* (CLIP backbones only), the text
+    tower -> text_encoder.*; positional embeddings adapted to the model's shapes. Other keys keep their name (and end
+    up reported as unused). Returns (state dict, {our key: file key})."""
     target = model.state_dict()
     clip_backbone = model.cfg.backbone in ("resnet", "vit")
     out, file_names = {}, {}
@@ -269,7 +272,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
         sd, meta = read_checkpoint(path_or_state_dict)
     if "token_embedding.weight" in sd or "visual.conv1.weight" in sd:
         new = ("backbone.fpn",) if model.cfg.backbone == "vit" else ()
-        sd, file_names = clip_to_segmentor(sd, model)
+        sd, file_names = clip_to_model(sd, model)
         return _load_partial(model, sd, "clip", lambda k: not k.startswith(("backbone.", "text_encoder.")) or
                              k.startswith(new), file_names)
     if "fc.weight" in sd and "layer1.0.conv1.weight" in sd:
@@ -292,7 +295,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
                                   f"{list(model.class_names)[:10]} ({model.num_classes}): its text features cannot "
                                   "change, so build the model with the export's class names")
         if hasattr(model, "text_encoder"):
-            model.drop_text_encoder()
+            drop_text_encoder(model)
     report = _load_whole(model, sd, meta)
     report.notes = notes
     return report
@@ -300,7 +303,6 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict]) -> L
 
 # The JIT archives carry these as state; they are architecture facts read off the weights instead.
 _ARCHIVE_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
-
 
 
 def read_openai_state_dict(path: str) -> dict:
@@ -316,16 +318,13 @@ def read_openai_state_dict(path: str) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
 
 
-
 def openai_to_ours(sd: dict) -> dict:
     """OpenAI key names -> CLIP's: the text tower's top-level keys move under `text.`."""
     return {k if k.startswith("visual.") or k == "logit_scale" else "text." + k: v for k, v in sd.items()}
 
 
-
 def _count(sd: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
 
 
 def clip_architecture(sd: dict) -> dict:
@@ -348,10 +347,8 @@ def clip_architecture(sd: dict) -> dict:
     return dict(visual=visual, text=text)
 
 
-
 def build_visual(kind: str, **cfg) -> nn.Module:
     return VisionTransformer(**cfg) if kind == "vit" else ModifiedResNet(**cfg)
-
 
 
 def load_clip(path_or_state_dict: Union[str, dict]) -> CLIP:

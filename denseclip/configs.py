@@ -1,12 +1,12 @@
 """Named model configs, mirroring the official DenseCLIP segmentation and detection configs.
 
-One dataclass per model family (`DenseCLIPConfig`: segmentation; `DetectionConfig`: detection), a comment
-per field; each named config is a plain function returning one. No
-registry and no `_base_` inheritance: what a name builds is written out below. Overrides go
-through `dataclasses.replace`, so an unknown field is an error rather than a silent no-op (the
-official configs carry keys such as `style='pytorch'` or `outdim=` that nothing reads), and
-`check_config` (called when a model is built) refuses values of the wrong type, outside a field's
-fixed set, or that some other field would silently ignore.
+One dataclass per model family (`DenseCLIPConfig`: segmentation; `DetectionConfig`: detection), both holding the
+fields of `LanguageConfig` (CLIP weights, joint dimension, text encoder, contexts, prompting, tau), with a comment
+per field; each named config is a plain function returning one. No registry and no mmcv-style `_base_` files: what
+a name builds is written out below. Overrides go through `dataclasses.replace`, so an unknown field is an error
+rather than a silent no-op (the official configs carry keys such as `style='pytorch'` or `outdim=` that nothing
+reads), and `check_config` (called when a model is built) refuses values of the wrong type, outside a field's fixed
+set, or that some other field would silently ignore.
 """
 import ast
 from dataclasses import dataclass, fields
@@ -16,7 +16,36 @@ from .errors import ConfigError
 
 
 @dataclass
-class DenseCLIPConfig:
+class LanguageConfig:
+    """The fields every DenseCLIP model shares: the frozen text encoder with its learnable contexts, context-aware
+    prompting and the score map's temperature (language.py reads them). Each model family below adds its image
+    encoder, neck, head and losses; the fields stay flat, so `cfg.use_text` and `--set use_text=False` work alike."""
+    clip_weights: Optional[str] = None  # OpenAI CLIP file the official recipe starts from (pretrained/<name>)
+    embed_dim: Optional[int] = 1024  # joint text-image dimension D; None: no attention pool, no text (baselines)
+    # --- text encoder (frozen) and learnable contexts
+    use_text: bool = True  # False: the plain-FPN CLIP baseline (no text, no score map, no aux loss)
+    class_token_length: int = 5  # SOT + up to 3 BPE tokens + EOT per class name (official context_length=5)
+    num_contexts: int = 8  # learnable context vectors (CoOp); official: 13 text positions - 5 = 8
+    truncate_class_names: bool = False  # cut names longer than the budget instead of raising
+    text_width: int = 512  # CLIP's text transformer width (also the width of a context vector)
+    text_heads: int = 8  # CLIP's text transformer heads
+    text_layers: int = 12  # CLIP's text transformer depth
+    vocab_size: int = 49408  # CLIP's BPE vocabulary
+    freeze_text_encoder: bool = True  # requires_grad_(False); the contexts still learn through it
+    # --- context-aware prompting
+    prompting: str = "post"  # "post" (t + γ·decoder(t, [z̄; z])), "pre" (visual prompt into the text encoder), "none"
+    decoder_width: int = 256  # context decoder width: text and visual tokens are projected down to it
+    decoder_heads: int = 4  # context decoder attention heads
+    decoder_layers: int = 3  # context decoder layers
+    decoder_dropout: float = 0.1  # dropout after the decoder's attention and MLP (official: 0.1)
+    gamma_init: float = 1e-4  # small: start from CLIP's own text features, let the visual context in slowly
+    # --- score map
+    tau: float = 0.07  # CLIP's temperature: the auxiliary loss reads s / tau (detection also joins s / tau to C5)
+
+
+@dataclass
+class DenseCLIPConfig(LanguageConfig):
+    """DenseCLIP segmentors (official `segmentation/`, mmseg 0.19): the language fields of LanguageConfig and these."""
     # --- image encoder
     backbone: str = "resnet"  # "resnet" (CLIP ModifiedResNet), "vit" (CLIP ViT), "torchvision_resnet50" (ImageNet)
     vision_layers: Union[Tuple[int, ...], int] = (3, 4, 6, 3)  # blocks per ResNet stage, or ViT depth
@@ -24,40 +53,20 @@ class DenseCLIPConfig:
     vision_heads: int = 32  # attention-pool heads (official: hard-coded 32 = CLIP's width*32//64) or ViT heads
     patch_size: int = 16  # ViT only
     input_resolution: int = 512  # the grid the positional embeddings are stored at (= training crop)
-    embed_dim: Optional[int] = 1024  # joint text-image dimension D; None: no attnpool/proj (FPN baselines)
     drop_path_rate: float = 0.0  # ViT stochastic depth (0.1 in the official DenseCLIP ViT-B config)
     vit_out_indices: Tuple[int, ...] = (3, 5, 7, 11)  # ViT blocks feeding the 4-level pyramid
     add_class_embedding_twice: bool = False  # official ViT quirk (issue #20); on to reproduce its checkpoints
-    # --- text encoder (frozen) and learnable contexts
-    use_text: bool = True  # False: the plain-FPN CLIP baseline (no text, no score map, no aux loss)
-    class_token_length: int = 5  # SOT + up to 3 BPE tokens + EOT per class name (official: 5)
-    num_contexts: int = 8  # learnable context vectors (CoOp); official: 13 text positions - 5 = 8
-    truncate_class_names: bool = False  # cut names longer than the budget instead of raising
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
-    vocab_size: int = 49408
-    freeze_text_encoder: bool = True  # requires_grad_(False); the contexts still learn through it
-    # --- context-aware prompting
-    prompting: str = "post"  # "post" (t + γ·decoder(t, [z̄; z])), "pre" (visual prompt into the text encoder), "none"
-    decoder_width: int = 256
-    decoder_heads: int = 4
-    decoder_layers: int = 3
-    decoder_dropout: float = 0.1
-    gamma_init: float = 1e-4  # small: start from CLIP's own text features, let the visual context in slowly
     # --- score map, neck, head, losses
     score_concat_index: int = 3  # pyramid level that gets the K score channels (2 for ViT: stride 16)
-    tau: float = 0.07  # CLIP's temperature: the aux loss is CE on s / tau
     aux_loss_weight: float = 0.4  # weight of the identity (score map) loss, official value
-    neck_channels: int = 256
-    head_channels: int = 256
-    head_dropout: float = 0.1
-    ignore_index: int = 255
+    neck_channels: int = 256  # FPN output channels
+    head_channels: int = 256  # Semantic-FPN head channels
+    head_dropout: float = 0.1  # Dropout2d before the head's classifier (mmseg's dropout_ratio)
+    ignore_index: int = 255  # label value that no loss and no metric counts
     # --- inference
     test_mode: str = "slide"  # "slide" or "whole"
-    test_crop: int = 512
-    test_stride: int = 341
-    clip_weights: Optional[str] = None  # OpenAI CLIP file the official recipe starts from (pretrained/<name>)
+    test_crop: int = 512  # slide window side
+    test_stride: int = 341  # slide window step (2/3 of the crop: the official 512 / 341)
 
 
 def denseclip_r50():
@@ -75,6 +84,7 @@ def denseclip_vitb16():
 
 
 def _baseline(cfg):
+    """The CLIP baseline of a DenseCLIP config (segmentation or detection): the same image encoder, no language."""
     cfg.use_text, cfg.embed_dim, cfg.prompting = False, None, "none"
     return cfg
 
@@ -113,40 +123,21 @@ def fpn_tiny():
 
 
 @dataclass
-class DetectionConfig:
-    """DenseCLIP detectors (official `detection/`, mmdet 2.17) on torchvision's RetinaNet or Mask R-CNN. The text
-    and prompting fields mean what they mean in DenseCLIPConfig (language.py reads them from either)."""
+class DetectionConfig(LanguageConfig):
+    """DenseCLIP detectors (official `detection/`, mmdet 2.17) on torchvision's RetinaNet or Mask R-CNN: the language
+    fields of LanguageConfig and these."""
     detector: str = "retinanet"  # "retinanet" (torchvision RetinaNet) or "maskrcnn" (torchvision MaskRCNN)
     # --- image encoder: CLIP ModifiedResNet (the only image encoder of the official detection code)
-    backbone: str = "resnet"
+    backbone: str = "resnet"  # "resnet" only
     vision_layers: Tuple[int, ...] = (3, 4, 6, 3)  # blocks per ResNet stage
     vision_width: int = 64  # ResNet stem width (stage widths are 4x, 8x, 16x, 32x)
     vision_heads: int = 32  # attention-pool heads (official: hard-coded 32)
     input_resolution: int = 1344  # attention-pool positional grid 42 x 42: max_size 1333 padded to a multiple of 32
-    embed_dim: Optional[int] = 1024  # joint text-image dimension D; None: no attnpool/text (CLIP baselines)
     crop_pos_embed: bool = True  # official detection: crop the stored grid to the feature grid (not resize it)
-    # --- text encoder (frozen) and learnable contexts
-    use_text: bool = True  # False: the plain CLIP ResNet + FPN baseline (no text, no score map, no aux loss)
-    class_token_length: int = 5  # SOT + up to 3 BPE tokens + EOT per class name (official context_length=5)
-    num_contexts: int = 8  # learnable context vectors: official text context_length 13 - 5
-    truncate_class_names: bool = False  # cut names longer than the budget instead of raising
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
-    vocab_size: int = 49408
-    freeze_text_encoder: bool = True  # requires_grad_(False); the contexts still learn through it
-    # --- context-aware prompting
-    prompting: str = "post"  # "post" (context decoder, the official detectors), "pre" or "none"
-    decoder_width: int = 256
-    decoder_heads: int = 4
-    decoder_layers: int = 3
-    decoder_dropout: float = 0.1
-    gamma_init: float = 1e-4  # small: start from CLIP's own text features
-    # --- score map and auxiliary loss
-    tau: float = 0.07  # CLIP's temperature: s / tau is what joins stage 4 and what the aux loss sees
+    # --- auxiliary loss
     aux_loss_weight: float = 1.0  # official seg_loss: box-target BCE on s / tau, weight 1
     # --- neck: mmdet's FPN
-    neck_channels: int = 256
+    neck_channels: int = 256  # FPN output channels
     fpn_start_level: int = 1  # RetinaNet: laterals from C3..C5 (C2 unused)
     fpn_num_outs: int = 5  # P3..P7 (strides 8..128)
     fpn_add_extra_convs: str = "on_input"  # P6 = stride-2 3x3 conv on C5 (+ scores), P7 on P6; "": max pool
@@ -187,7 +178,6 @@ class DetectionConfig:
     nms_thresh: float = 0.5  # nms iou_threshold
     topk_candidates: int = 1000  # nms_pre (per level)
     detections_per_img: int = 100  # max_per_img
-    clip_weights: Optional[str] = None  # OpenAI CLIP file the official recipe starts from (pretrained/<name>)
 
 
 def retinanet_denseclip_r50():
@@ -198,17 +188,12 @@ def retinanet_denseclip_r101():
     return DetectionConfig(vision_layers=(3, 4, 23, 3), embed_dim=512, clip_weights="RN101.pt")
 
 
-def _detection_baseline(cfg):
-    cfg.use_text, cfg.embed_dim, cfg.prompting = False, None, "none"
-    return cfg
-
-
 def retinanet_clip_r50():
-    return _detection_baseline(retinanet_denseclip_r50())
+    return _baseline(retinanet_denseclip_r50())
 
 
 def retinanet_clip_r101():
-    return _detection_baseline(retinanet_denseclip_r101())
+    return _baseline(retinanet_denseclip_r101())
 
 
 def retinanet_denseclip_tiny():
@@ -220,7 +205,48 @@ def retinanet_denseclip_tiny():
 
 
 def retinanet_tiny():
-    return _detection_baseline(retinanet_denseclip_tiny())
+    return _baseline(retinanet_denseclip_tiny())
+
+def _maskrcnn(cfg):
+    # mmdet's mask_rcnn_r50_fpn: FPN P2..P6 (P6 by stride-2 max pool), RPN anchors 8 x stride over strides
+    # 4..64 (32..512 px), 3 ratios, assigned at IoU 0.7 / 0.3.
+    cfg.detector, cfg.fpn_start_level, cfg.fpn_add_extra_convs = "maskrcnn", 0, ""
+    cfg.anchor_strides, cfg.octave_base_scale, cfg.scales_per_octave = (4, 8, 16, 32, 64), 8.0, 1
+    cfg.fg_iou_thresh, cfg.bg_iou_thresh = 0.7, 0.3
+    return cfg
+
+
+def maskrcnn_denseclip_r50():
+    return _maskrcnn(retinanet_denseclip_r50())
+
+
+def maskrcnn_denseclip_r101():
+    return _maskrcnn(retinanet_denseclip_r101())
+
+
+def maskrcnn_clip_r50():
+    return _maskrcnn(retinanet_clip_r50())
+
+
+def maskrcnn_clip_r101():
+    return _maskrcnn(retinanet_clip_r101())
+
+
+def maskrcnn_denseclip_tiny():
+    # retinanet_denseclip_tiny's towers and sizes; heads narrowed to the tiny FPN's width, RPN anchors halved
+    # (16..256 px: the procedural shapes are 10-60 px across), fewer sampled RoIs and proposals (a few objects
+    # per small image).
+    cfg = _maskrcnn(retinanet_denseclip_tiny())
+    cfg.octave_base_scale, cfg.box_fc_channels, cfg.mask_conv_channels = 4.0, 128, 32
+    cfg.rpn_pre_nms_top_n_train, cfg.rpn_post_nms_top_n_train = 1000, 300
+    cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test = 500, 300
+    cfg.box_batch_size_per_image = 128
+    return cfg
+
+
+def maskrcnn_tiny():
+    return _baseline(maskrcnn_denseclip_tiny())
+
 
 # Fields with a fixed set of values, per config family.
 CHOICES = {
@@ -315,48 +341,6 @@ def check_class_names(class_names: Sequence[str]) -> list:
     if dup:
         raise ConfigError(f"class names {dup[:10]} appear more than once; each class needs its own name")
     return names
-
-
-
-def _maskrcnn(cfg):
-    # mmdet's mask_rcnn_r50_fpn: FPN P2..P6 (P6 by stride-2 max pool), RPN anchors 8 x stride over strides
-    # 4..64 (32..512 px), 3 ratios, assigned at IoU 0.7 / 0.3.
-    cfg.detector, cfg.fpn_start_level, cfg.fpn_add_extra_convs = "maskrcnn", 0, ""
-    cfg.anchor_strides, cfg.octave_base_scale, cfg.scales_per_octave = (4, 8, 16, 32, 64), 8.0, 1
-    cfg.fg_iou_thresh, cfg.bg_iou_thresh = 0.7, 0.3
-    return cfg
-
-
-def maskrcnn_denseclip_r50():
-    return _maskrcnn(retinanet_denseclip_r50())
-
-
-def maskrcnn_denseclip_r101():
-    return _maskrcnn(retinanet_denseclip_r101())
-
-
-def maskrcnn_clip_r50():
-    return _maskrcnn(retinanet_clip_r50())
-
-
-def maskrcnn_clip_r101():
-    return _maskrcnn(retinanet_clip_r101())
-
-
-def maskrcnn_denseclip_tiny():
-    # retinanet_denseclip_tiny's towers and sizes; heads narrowed to the tiny FPN's width, RPN anchors halved
-    # (16..256 px: the procedural shapes are 10-60 px across), fewer sampled RoIs and proposals (a few objects
-    # per small image).
-    cfg = _maskrcnn(retinanet_denseclip_tiny())
-    cfg.octave_base_scale, cfg.box_fc_channels, cfg.mask_conv_channels = 4.0, 128, 32
-    cfg.rpn_pre_nms_top_n_train, cfg.rpn_post_nms_top_n_train = 1000, 300
-    cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test = 500, 300
-    cfg.box_batch_size_per_image = 128
-    return cfg
-
-
-def maskrcnn_tiny():
-    return _detection_baseline(maskrcnn_denseclip_tiny())
 
 
 CONFIGS = {f.__name__: f for f in (denseclip_r50, denseclip_r101, denseclip_vitb16, fpn_clip_r50, fpn_clip_r101,

@@ -28,7 +28,6 @@ class ConvModule(nn.Module):
         return F.relu(x, inplace=True) if self.act else x
 
 
-
 class FPNHead(nn.Module):
     """Semantic FPN head (Kirillov et al. 2019), mmseg's FPNHead: level i gets max(1, log2(stride_i/4))
     conv-BN-ReLU blocks, each followed by a x2 bilinear upsample, until stride 4; the levels are summed."""

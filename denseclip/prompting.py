@@ -1,18 +1,18 @@
-"""Context-aware prompting (DenseCLIP Sec. 3.3): a small transformer decoder that lets text
-features attend to the visual context [z̄; z].
+"""Context-aware prompting (DenseCLIP Sec. 3.3, vision-to-language prompting): a small transformer decoder that lets
+text features attend to the visual context [z̄; z].
 
-- Post-model prompting (the default): `ContextDecoder(t, [z̄; z])` gives Δt and the segmentor
-  updates t <- t + γ·Δt (Eq. 5), γ a learnable per-channel scale initialised to 1e-4.
-- Pre-model prompting (the paper's ablation, not in the official release): `PreModelPrompter`
-  turns learnable queries into per-image prompt vectors by attending to the visual context; they
-  are fed to the text encoder in place of the fixed learnable contexts (Eq. 4).
+- Post-model prompting (the default): `ContextDecoder(t, [z̄; z])` gives Δt, and the text features are updated as
+  t <- t + γ·Δt, γ a learnable per-channel scale initialised to 1e-4 (language.py does the update).
+- Pre-model prompting (the paper's ablation, not in the official release): `PreModelPrompter` turns learnable
+  queries into per-image prompt vectors by attending to the visual context; they are fed to the text encoder in
+  place of the learnable contexts of language-domain prompting.
 
 Mirrors the official `ContextDecoder` / `TransformerDecoderLayer` / `Attention` (models.py) and
 keeps their parameter names so official checkpoints load. Matching the official code on purpose:
 q/k/v projections without bias, exact GELU (not CLIP's QuickGELU), dropout only after the output
 projections and in the MLP, memory projected with a trailing LayerNorm and not normalised again
 inside the layers, truncated-normal(0.02) init of every Linear. Batch-first; attention through
-`F.scaled_dot_product_attention`. Shape letters: B batch, K texts, N visual tokens, C width.
+`F.scaled_dot_product_attention`. Imports only torch. Shape letters: B batch, K texts, N visual tokens, C width.
 """
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""CLIP's ResNet image encoder (ModifiedResNet) with the attention pool run densely (DenseCLIP Sec. 3.1, Eq. 1-2).
+"""CLIP's ResNet image encoder (ModifiedResNet) with the attention pool run densely (DenseCLIP Sec. 3.2: z̄ and z).
 
 Mirrors OpenAI CLIP's `ModifiedResNet` / `AttentionPool2d` and keeps every parameter name, so OpenAI `.pt` archives
 and official DenseCLIP checkpoints load strictly. What differs from OpenAI's code:
@@ -8,7 +8,7 @@ and official DenseCLIP checkpoints load strictly. What differs from OpenAI's cod
 - `ModifiedResNet.forward_dense` also returns the four pyramid levels x1..x4 (strides 4..32).
 - `readout="maskclip"` swaps z for MaskCLIP's (Zhou et al., ECCV 2022): each position through the attention
   pool's v_proj and c_proj only (no positional embedding, as MaskCLIP's head). Zero-shot segmentation uses it.
-Attention is batch-first through `F.scaled_dot_product_attention`.
+Attention is batch-first through `F.scaled_dot_product_attention`. The file imports only torch: it copies out alone.
 Shape letters: B batch, C channels, H W feature grid, N = H*W positions, D output (joint) dimension.
 """
 import math
@@ -19,22 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import check_readout, resize_pos_embed
 
-
-def crop_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept and the top-left H x W
-    block of the square S x S grid is used as is, what the official DenseCLIP detection backbone does (its
-    checkpoints were trained that way; the grid is stored at 1344 // 32 = 42, the largest padded input)."""
+def pos_embed_to_grid(pos: torch.Tensor, grid: Tuple[int, int], crop: bool = False) -> torch.Tensor:
+    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the mean slot is kept, and the square S x S grid is
+    resized bilinearly (align_corners=False, as the official segmentation code; clip.py's resize_pos_embed does the
+    same for the ViT, written again here so that this file copies out alone), or with `crop` cut to its top-left
+    H x W block as is, what the official DenseCLIP detection backbone does (its checkpoints were trained that way;
+    the grid is stored at 1344 // 32 = 42, the largest padded input)."""
     n, C = pos.shape
     S = math.isqrt(n - 1)
     H, W = grid
-    if H > S or W > S:
-        raise ValueError(f"feature grid {H}x{W} exceeds the stored {S}x{S} positional grid: raise input_resolution "
-                         f"to at least {32 * max(H, W)} or resize the input smaller")
-    spatial = pos[1:].reshape(S, S, C)[:H, :W].reshape(H * W, C)  # (H*W, C)
+    if crop:
+        if H > S or W > S:
+            raise ValueError(f"feature grid {H}x{W} exceeds the stored {S}x{S} positional grid: raise "
+                             f"input_resolution to at least {32 * max(H, W)} or resize the input smaller")
+        spatial = pos[1:].reshape(S, S, C)[:H, :W].reshape(H * W, C)  # (H*W, C)
+    elif (S, S) == (H, W):
+        return pos
+    else:
+        spatial = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)  # (1, C, S, S)
+        spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
+        spatial = spatial.flatten(2).transpose(1, 2)[0]  # (H*W, C)
     return torch.cat([pos[:1], spatial], dim=0)
-
 
 
 # ----------------------------------------------------------------------------- ModifiedResNet
@@ -71,9 +77,8 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-
 class AttentionPool2d(nn.Module):
-    """CLIP's QKV attention pooling, run with every position as a query (DenseCLIP Eq. 1-2).
+    """CLIP's QKV attention pooling, run with every position as a query (DenseCLIP Sec. 3.2).
 
     Input (B, C, H, W). The mean token is prepended, positional embeddings added, and one
     multi-head attention over the 1 + N tokens gives z̄ (the mean token's output, equal to CLIP's
@@ -98,7 +103,7 @@ class AttentionPool2d(nn.Module):
         h = self.num_heads
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+N, C)
-        pos = (crop_pos_embed if self.crop_pos_embed else resize_pos_embed)(self.positional_embedding, (H, W))
+        pos = pos_embed_to_grid(self.positional_embedding, (H, W), self.crop_pos_embed)  # (1+N, C)
         x = x + pos.to(x.dtype)  # (B, 1+N, C)
         q, k, v = (p(x).view(B, 1 + H * W, h, C // h).transpose(1, 2)  # (B, h, 1+N, C/h)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -113,7 +118,6 @@ class AttentionPool2d(nn.Module):
         B, C, H, W = x.shape
         x = self.c_proj(self.v_proj(x.flatten(2).transpose(1, 2)))  # (B, N, D)
         return x.transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
-
 
 
 class ModifiedResNet(nn.Module):
@@ -174,7 +178,8 @@ class ModifiedResNet(nn.Module):
     def forward_dense(self, x, readout: str = "denseclip"):
         """-> ([x1, x2, x3, x4], z̄ (B, D) or None, z (B, D, H/32, W/32) or None); readout "denseclip" (every
         position a query of the attention pool) or "maskclip" (value and output projections only)."""
-        check_readout(readout)
+        if readout not in ("denseclip", "maskclip"):
+            raise ValueError(f"unknown dense read-out {readout!r}; expected 'denseclip' or 'maskclip'")
         feats = self.forward_pyramid(x)
         if self.attnpool is None:
             return feats, None, None

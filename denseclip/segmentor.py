@@ -1,20 +1,23 @@
-"""The DenseCLIP segmentor (paper Sec. 3, Fig. 2): pixel-text score maps feeding a Semantic FPN.
+"""The DenseCLIP segmentor (paper Sec. 3, Fig. 3): pixel-text score maps guiding a Semantic FPN. `DenseCLIP.forward`
+is the paper's pipeline, in its order:
 
-    image -> backbone -> x1..x4, z̄, z          (clip.py)
-    class names + learnable contexts -> text encoder -> t          (K, D)
-    t <- t + γ · ContextDecoder(t, [z̄; z])                          (language.py, post-model)
-    s = <ẑ, t̂>  (B, K, h, w);  x4 <- [x4, s]  -> FPN -> Semantic-FPN head -> logits
-    loss = CE(logits, y) + 0.4 · CE(s / τ, y)
+    image -> image encoder -> x1..x4, z̄, z                      resnet.py (CLIP ResNet) or clip.py (ViT)
+    t = TextEncoder([SOT, contexts, class name, EOT])            language.py: class_text_features (Sec. 3.3)
+    t <- t + γ · ContextDecoder(t, [z̄; z])                      language.py: context_aware_text (Sec. 3.3)
+    s = ẑ t̂ᵀ (B, K, h, w)                                       language.py: score_map (Sec. 3.2)
+    x4 <- [x4, s] (ViT: x3) -> FPN -> Semantic-FPN head -> logits   fpn.py, heads.py
+    loss = CE(logits, y) + 0.4 · CE(s / τ, y)                    here (Sec. 3.4)
 
-Mirrors the official `DenseCLIP` segmentor plus mmseg's `FPN` neck and `FPNHead`, with the same
-parameter names (`neck.lateral_convs.0.conv.weight`, `decode_head.scale_heads.1.0.bn.weight`, ...)
-so official checkpoints load without renaming. Differences from the official code:
-- no mmcv/mmseg: the head, losses and slide inference are written out here, the neck in fpn.py (shared
-  with detection);
-- the text side (frozen text encoder, cached at evaluation; contexts; context decoder; score map) is
-  language.py's, shared with detection;
-- pre-model prompting (the paper's ablation) and an ImageNet ResNet-50 backbone are selectable.
-Shape letters: B batch, K classes, D joint dim, h w = feature grid at stride 32 (16 for ViT's z).
+Mirrors the official `DenseCLIP` segmentor (segmentation/denseclip/denseclip.py) with mmseg's `FPN` neck and
+`FPNHead`, keeping their parameter names (`neck.lateral_convs.0.conv.weight`, `decode_head.scale_heads.1.0.bn.weight`,
+`text_encoder.*`, `contexts`, `gamma`, ...) so official checkpoints load without renaming. Differences from the
+official code:
+- no mmcv/mmseg: the neck (fpn.py, shared with detection), head (heads.py), losses (here) and slide inference
+  (inference.py) are written out;
+- the text side is language.py's (frozen text encoder run once at evaluation, its differences listed there);
+- pre-model prompting (the paper's ablation) and an ImageNet ResNet-50 backbone are selectable;
+- `score_logits` / `predict(names=...)` score any class names (open vocabulary) from s / τ.
+Shape letters: B batch, K classes, D joint dim, C_i channels of level i, h w = the grid of z (stride 32; ViT 16).
 """
 import functools
 from dataclasses import replace
@@ -24,14 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inference
+from . import inference, language
 from .clip import VisionTransformer
 from .configs import CONFIGS, DenseCLIPConfig, check_config
 from .errors import ConfigError
 from .fpn import FPN
 from .heads import FPNHead
 from .inference import resize
-from .language import PixelTextMatching
 from .resnet import AttentionPool2d, ModifiedResNet
 
 
@@ -74,13 +76,23 @@ def build_backbone(cfg: DenseCLIPConfig) -> nn.Module:
     raise ValueError(f"unknown backbone {cfg.backbone!r}: expected 'resnet', 'vit' or 'torchvision_resnet50'")
 
 
+def pad_to_patches(images: torch.Tensor, patch: int, training: bool) -> torch.Tensor:
+    """Pad (B, 3, H, W) at the bottom and right with 0 (the normalised mean) to multiples of the ViT patch size,
+    instead of dropping the pixels the patch embedding would not cover; a training crop must fit exactly."""
+    H, W = images.shape[-2:]
+    if (H % patch or W % patch) and training:
+        raise ConfigError(f"training input {H}x{W} is not a multiple of the ViT patch size {patch}; "
+                          f"choose --crop-size as a multiple of {patch}")
+    return F.pad(images, (0, -W % patch, 0, -H % patch)) if H % patch or W % patch else images
+
+
 def seg_cross_entropy(logits, labels, ignore_index: int):
     """Pixel CE, averaged over ALL pixels with ignored ones counting zero: mmseg 0.19's behaviour
     (the official numbers were trained with it), not PyTorch's mean over non-ignored pixels."""
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
 
 
-class DenseCLIP(PixelTextMatching):
+class DenseCLIP(nn.Module):
     """model(images) -> logits (B, K, H, W) at input size; model(images, labels) -> dict of losses."""
 
     task = "segmentation"
@@ -89,7 +101,7 @@ class DenseCLIP(PixelTextMatching):
         super().__init__()
         self.cfg = check_config(cfg)
         self.backbone = build_backbone(cfg)
-        self.init_language(cfg, class_names)  # text encoder, contexts, context decoder, gamma (language.py)
+        language.add_language(self, cfg, class_names)  # text_encoder, texts, contexts, context_decoder, gamma
         K = self.num_classes
         channels = list(self.backbone.out_channels)
         if cfg.use_text:
@@ -97,29 +109,22 @@ class DenseCLIP(PixelTextMatching):
         self.neck = FPN(channels, cfg.neck_channels)
         self.decode_head = FPNHead([cfg.neck_channels] * 4, cfg.head_channels, K, cfg.head_dropout)
 
-    # --- forward
-    def forward_logits(self, images):
-        """-> (logits (B, K, H/4, W/4), score map (B, K, h, w) or None)"""
-        feats, z_global, z_dense = self.backbone.forward_dense(images)
-        score = None
-        if self.cfg.use_text:
-            score = self.score_map(z_global, z_dense)
-            i = self.cfg.score_concat_index
-            feats = feats[:i] + [torch.cat([feats[i], score.to(feats[i].dtype)], dim=1)] + feats[i + 1:]
-        return self.decode_head(self.neck(feats)), score
-
     def forward(self, images, labels: Optional[torch.Tensor] = None):
-        H, W = images.shape[-2:]
-        patch = self.cfg.patch_size if self.cfg.backbone == "vit" else 1
-        if (H % patch or W % patch) and labels is not None:
-            raise ConfigError(f"training input {H}x{W} is not a multiple of the ViT patch size {patch}; "
-                              f"choose --crop-size as a multiple of {patch}")
-        if H % patch or W % patch:  # pad bottom/right with 0 (the normalised mean) instead of dropping pixels
-            images = F.pad(images, (0, -W % patch, 0, -H % patch))
-        logits, score = self.forward_logits(images)
+        """The pipeline of the module docstring on a normalised batch (B, 3, H, W); a ViT test input is padded to
+        its patch size and the logits cropped back."""
+        cfg, (H, W) = self.cfg, images.shape[-2:]
+        images = pad_to_patches(images, cfg.patch_size if cfg.backbone == "vit" else 1, training=labels is not None)
+        feats, z_global, z_dense = self.backbone.forward_dense(images)  # x1..x4, z̄ (B, D), z (B, D, h, w)
+        score = None
+        if cfg.use_text:
+            text = language.context_aware_text(self, z_global, z_dense)  # t (B, K, D): contexts, γ · decoder
+            score = language.score_map(z_dense, text)  # s (B, K, h, w)
+            i = cfg.score_concat_index
+            feats[i] = torch.cat([feats[i], score.to(feats[i].dtype)], dim=1)  # (B, C_i + K, h, w)
+        logits = self.decode_head(self.neck(feats))  # (B, K, H/4, W/4)
         if labels is None:
             return resize(logits, images.shape[-2:])[..., :H, :W]  # (B, K, H, W)
-        size, cfg = labels.shape[-2:], self.cfg
+        size = labels.shape[-2:]
         losses = {"loss_decode": seg_cross_entropy(resize(logits, size), labels, cfg.ignore_index)}
         if score is not None:  # the "identity head": the score map itself as a segmentation (s / τ)
             losses["loss_aux"] = cfg.aux_loss_weight * seg_cross_entropy(resize(score / cfg.tau, size), labels,
@@ -133,7 +138,8 @@ class DenseCLIP(PixelTextMatching):
         `names` (open vocabulary): the scores of those names instead (B, K', H, W). Only the language path
         answers for new names; the decode head knows the training classes only."""
         _, z_global, z_dense = self.backbone.forward_dense(images)
-        return resize(self.score_map(z_global, z_dense, names).float() / self.cfg.tau, images.shape[-2:])
+        score = language.score_map(z_dense, language.context_aware_text(self, z_global, z_dense, names))
+        return resize(score / self.cfg.tau, images.shape[-2:])  # (B, K', H, W)
 
     @torch.no_grad()
     def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None,

@@ -5,22 +5,23 @@ score map out (the starting point DenseCLIP improves on; MaskCLIP, Zhou et al., 
     model = ZeroShotSegmenter(clip, ["wall", "sky", "person"])   # model.predict(images) -> (B, K, H, W)
 
 Text side: OpenAI's prompt ensembling (CLIP paper Sec. 3.1.4): each name in the 80 ImageNet templates, every
-sentence through CLIP's text encoder, L2-normalised, averaged, normalised again. Image side: a dense read-out of
-clip.py's towers, `readout="maskclip"` (value path only, MaskCLIP's) or "denseclip" (every position a query of
-the attention pool, what the DenseCLIP segmentor starts from). The score map is language.py's one `score_map`
-(cosine, no learned prompting); logits are it times CLIP's logit scale. Inference (whole image or slide windows,
-scales, flips) is the segmentor's own `predict`, so eval.py's mIoU code runs on it unchanged.
+sentence through CLIP's text encoder, L2-normalised, averaged, normalised again; fixed, so only the features are
+kept (buffer `text_embeddings`), not the text tower, and there are no learned contexts or prompting. Image side: a
+dense read-out of clip.py's towers, `readout="maskclip"` (value path only, MaskCLIP's) or "denseclip" (every
+position a query of the attention pool, what the DenseCLIP segmentor starts from). The score map is language.py's
+`score_map` (cosines), the one the segmentor uses; logits are it times CLIP's logit scale. Inference (whole image or
+slide windows, scales, flips) is inference.py's `predict`, the segmentor's too, so eval.py's mIoU code runs on it.
 """
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import inference
+from . import inference, language
 from .clip import CLIP, TextEncoder, check_readout
 from .inference import resize
-from .language import PixelTextMatching
 from .tokenizer import tokenize
 
 # OpenAI's 80 ImageNet prompt templates, in their order, from the CLIP repository's notebook
@@ -57,8 +58,7 @@ class ZeroShotConfig:
     test_mode: str = "whole"  # "whole" image at once, or "slide" windows of test_crop
     test_crop: int = 224  # slide window: CLIP's own input size (the pretrained positional grid)
     test_stride: int = 149  # 2/3 of the crop, the overlap of the official 512 / 341 slide
-    ignore_index: int = 255
-    prompting = "none"  # not a field: no learned prompting here; language.py's score_map reads it
+    ignore_index: int = 255  # label value that no metric counts
 
 
 @torch.no_grad()
@@ -73,9 +73,9 @@ def ensemble_text_features(text_encoder: TextEncoder, class_names: Sequence[str]
     return torch.stack(out)  # (K, D)
 
 
-class ZeroShotSegmenter(PixelTextMatching):
+class ZeroShotSegmenter(nn.Module):
     """CLIP's image tower + fixed ensembled text features. model(images) -> logits (B, K, H, W) at input size;
-    predict / slide_inference as the DenseCLIP segmentor's. The text tower is not kept (its output is fixed)."""
+    predict(images, ...) -> class probabilities, as the DenseCLIP segmentor's (without open-vocabulary names)."""
 
     def __init__(self, clip: CLIP, class_names: Sequence[str], cfg: ZeroShotConfig = None):
         super().__init__()
@@ -86,15 +86,15 @@ class ZeroShotSegmenter(PixelTextMatching):
             raise ValueError(f"unknown templates {cfg.templates!r}; expected one of {sorted(TEMPLATES)}")
         self.class_names = [n.strip() for n in class_names]
         self.num_classes = len(self.class_names)
-        self._text_cache = None
         self.visual = clip.visual
         text = ensemble_text_features(clip.text, self.class_names, TEMPLATES[cfg.templates])  # (K, D)
-        self.register_buffer("text_embeddings", text[None])  # (1, K, D): what text_features() returns
+        self.register_buffer("text_embeddings", text[None])  # (1, K, D)
         self.register_buffer("logit_scale", clip.logit_scale.detach().exp())  # CLIP's learned 1 / temperature
 
     def forward(self, images):
-        _, z_global, z_dense = self.visual.forward_dense(images, self.cfg.readout)
-        score = self.score_map(z_global, z_dense)  # (B, K, h, w) cosine
+        z_dense = self.visual.forward_dense(images, self.cfg.readout)[2]  # z (B, D, h, w)
+        text = self.text_embeddings.to(z_dense.dtype).expand(len(images), -1, -1)  # (B, K, D)
+        score = language.score_map(z_dense, text)  # (B, K, h, w) cosines
         return resize(score * self.logit_scale, images.shape[-2:])  # (B, K, H, W)
 
     @torch.no_grad()

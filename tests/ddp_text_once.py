@@ -13,18 +13,18 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's denseclip, not an installed one
 
 from denseclip.data.procedural import SHAPE_CLASSES  # noqa: E402
-from denseclip import build_model  # noqa: E402
+from denseclip import build_model, language  # noqa: E402
 
 
 def step_grads(text_once: bool, rank: int):
     torch.manual_seed(0)  # the same weights on both ranks and in both modes
     model = build_model("denseclip_tiny", SHAPE_CLASSES, head_dropout=0.0, decoder_dropout=0.0).train()
     if text_once:
-        ignore = [n for n, p in model.named_parameters() if any(p is q for q in model.text_once_parameters())]
+        ignore = [n for n, p in model.named_parameters() if any(p is q for q in language.text_once_parameters(model))]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
-    with model.text_once_per_step(all_reduce=True) if text_once else contextlib.nullcontext():
+    with language.text_once_per_step(model, all_reduce=True) if text_once else contextlib.nullcontext():
         for micro in range(2):
             images = torch.randn(1, 3, 64, 64, generator=gen)
             labels = torch.randint(0, len(SHAPE_CLASSES), (1, 64, 64), generator=gen)

@@ -23,6 +23,7 @@ from denseclip.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from denseclip.data.image_io import read_image, read_label  # noqa: E402
 from denseclip.errors import ConfigError, DataError, MissingFileError, TrainingError  # noqa: E402
 from denseclip import build_model  # noqa: E402
+from denseclip.language import drop_text_encoder  # noqa: E402
 from denseclip.segmentor import DenseCLIP  # noqa: E402
 
 NAMES = "sky,tree,road,car"
@@ -270,7 +271,7 @@ def test_resume_of_another_model_or_of_weights_only(trained, tmp_path):
 
 def test_text_free_export_keeps_its_class_names(tmp_path):
     torch.manual_seed(0)
-    model = build_model("denseclip_tiny", ["sky", "tree"]).eval().drop_text_encoder()
+    model = drop_text_encoder(build_model("denseclip_tiny", ["sky", "tree"]).eval())
     torch.save({"model": model.state_dict()}, tmp_path / "export.pth")
     load_checkpoint(build_model("denseclip_tiny", ["sky", "tree"]), str(tmp_path / "export.pth"))
     with pytest.raises(CheckpointError, match=r"made for the classes \['sky', 'tree'\].*\['sky', 'road'\]"):

@@ -6,6 +6,7 @@ import official_keys
 from denseclip.checkpoint import CheckpointError, load_checkpoint
 from denseclip.data.classes import ADE20K_CLASSES
 from denseclip import build_model
+from denseclip.language import drop_text_encoder
 
 from peers import openai_clip, tiny_openai_clip
 
@@ -60,7 +61,7 @@ def test_model_without_text_encoder_exports_and_reloads(tmp_path):
     with torch.no_grad():
         before = model(x)
         n_before = sum(p.numel() for p in model.parameters())
-        model.drop_text_encoder()
+        drop_text_encoder(model)
         assert not hasattr(model, "text_encoder") and sum(p.numel() for p in model.parameters()) < n_before
         assert torch.equal(model(x), before)
     torch.save({"model": model.state_dict()}, tmp_path / "deploy.pth")

@@ -14,7 +14,7 @@ from PIL import Image
 from denseclip.run import visualize
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES, render_shapes
 from denseclip.run.visualize import palette
-from denseclip import build_model
+from denseclip import build_model, language
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -99,7 +99,8 @@ def test_score_map_picture_brightens_with_the_score(setup):
     H, W = photo.shape[:2]
     with torch.no_grad():  # the cosine score maps written out: backbone, score map for these names, resize
         _, zg, zd = model.backbone.forward_dense(normalized(photo))
-        s = F.interpolate(model.score_map(zg, zd, names), size=(H, W), mode="bilinear", align_corners=False)[0]
+        s = language.score_map(zd, language.context_aware_text(model, zg, zd, names))  # (1, K, h, w)
+        s = F.interpolate(s, size=(H, W), mode="bilinear", align_corners=False)[0]
     s = s.numpy()
     picture, text = read_png(out / "rotated_scores.png")
     assert text["names"] == names and text["range"] == pytest.approx([s.min(), s.max()], abs=1e-5)
@@ -141,7 +142,7 @@ def test_official_and_text_free_checkpoints(setup, capsys):
     torch.save({"state_dict": model.state_dict(), "meta": {}}, official)
     export = build_model("denseclip_tiny", SHAPE_CLASSES).eval()
     export.load_state_dict(model.state_dict())
-    torch.save(export.drop_text_encoder().state_dict(), tmp / "export.pt")  # text-free: no text encoder at all
+    torch.save(language.drop_text_encoder(export).state_dict(), tmp / "export.pt")  # text-free: no text encoder at all
     names = ",".join(SHAPE_CLASSES)
     for path, out in ((official, "off"), (tmp / "export.pt", "free")):
         demo.main([str(path), str(images / "sub"), "--out-dir", str(tmp / out), "--model", "denseclip_tiny",

@@ -14,7 +14,8 @@ from denseclip.resnet import AttentionPool2d
 from denseclip.configs import CONFIGS, task_of
 from denseclip.fpn import FPN
 from denseclip.detection.anchors import MMDetAnchorGenerator
-from denseclip.detection.features import box_seg_loss, box_seg_targets
+from denseclip import language
+from denseclip.detection.features import box_seg_loss, box_seg_targets, extract_feat
 from denseclip.run.optim import CUSTOM_KEYS, param_rule
 
 from peers import tiny_openai_clip
@@ -252,10 +253,11 @@ def test_score_map_over_tau_joins_c5_and_aux_loss_sees_resized_boxes(tiny):
     hook = tiny.neck.register_forward_pre_hook(lambda m, args: seen.update(c5=args[0][-1]))
     batch, resized = tiny.transform(big, big_targets)
     assert batch.tensors.shape[-2:] == (160, 160)  # halved to 128 x 160 and 150 x 128, padded to 32
-    feats, score = tiny.extract_feat(batch.tensors)
+    feats, score = extract_feat(tiny, batch.tensors)
     hook.remove()
     _, z_global, z_dense = tiny.backbone.forward_dense(batch.tensors)
-    assert torch.allclose(score, tiny.score_map(z_global, z_dense) / 0.07, atol=1e-4)
+    s = language.score_map(z_dense, language.context_aware_text(tiny, z_global, z_dense))
+    assert torch.allclose(score, s / 0.07, atol=1e-4)
     assert torch.equal(seen["c5"][:, -3:], score) and score.abs().max() > 1  # s / τ, beyond a cosine's range
     target, mask = box_seg_targets([t["boxes"] for t in resized], [t["labels"] for t in resized], 3, (40, 40))
     assert torch.allclose(losses["loss_aux"], box_seg_loss(score, target, mask), atol=1e-6)
@@ -266,7 +268,7 @@ def test_score_map_over_tau_joins_c5_and_aux_loss_sees_resized_boxes(tiny):
 def test_features_at_two_sizes(tiny, size):
     tiny.eval()
     with torch.no_grad():
-        feats, score = tiny.extract_feat(torch.randn(1, 3, *size))
+        feats, score = extract_feat(tiny, torch.randn(1, 3, *size))
     H, W = size
     assert [tuple(f.shape[-2:]) for f in feats] == [(math.ceil(H / s), math.ceil(W / s)) for s in (8, 16, 32, 64, 128)]
     assert all(f.shape[:2] == (1, 32) for f in feats) and score.shape == (1, 3, H // 32, W // 32)

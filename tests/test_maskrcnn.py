@@ -23,7 +23,7 @@ from denseclip.data.coco import CocoDetection
 from denseclip.data.procedural import ProceduralDetection
 from denseclip.run.coco_eval import CocoEvaluator, STAT_NAMES
 from denseclip.data.transforms import sample_rng
-from denseclip.detection.features import DenseCLIPFeatures
+from denseclip.detection import features, maskrcnn, retinanet
 from denseclip.detection.maskrcnn import MMDetRoIAlign
 from denseclip.clip import CLIP_MEAN, CLIP_STD
 
@@ -145,21 +145,21 @@ def test_train_losses_and_eval_outputs(tiny, size):
 
 
 def test_shares_the_retinanet_backbone_with_neck():
-    """One DenseCLIP path: the same class, the same parameter names and shapes below the heads; with a copied state
+    """One DenseCLIP path: the same function, the same parameter names and shapes below the heads; with a copied state
     the same FPN levels; the neck is mmdet's Mask R-CNN FPN (P2..P6, P6 = P5 subsampled)."""
     torch.manual_seed(0)
     mask = build_model("maskrcnn_denseclip_tiny", NAMES, min_size=64, max_size=107)
     retina = build_model("retinanet_denseclip_tiny", NAMES, min_size=64, max_size=107, fpn_start_level=0,
                          fpn_add_extra_convs="", anchor_strides=(4, 8, 16, 32, 64))
-    assert isinstance(mask, DenseCLIPFeatures) and isinstance(retina, DenseCLIPFeatures)
-    assert type(mask).extract_feat is type(retina).extract_feat is DenseCLIPFeatures.extract_feat
+    assert maskrcnn.extract_feat is retinanet.extract_feat is features.extract_feat
+    assert maskrcnn.add_text_and_neck is retinanet.add_text_and_neck is features.add_text_and_neck
     shared = {k: v.shape for k, v in retina.state_dict().items() if not k.startswith("head.")}
     assert shared == {k: v.shape for k, v in mask.state_dict().items() if not k.startswith(("rpn.", "roi_heads."))}
     mask.load_state_dict({**mask.state_dict(), **{k: retina.state_dict()[k] for k in shared}})
     mask.eval(), retina.eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        (a, sa), (b, sb) = mask.extract_feat(x), retina.extract_feat(x)
+        (a, sa), (b, sb) = features.extract_feat(mask, x), features.extract_feat(retina, x)
     assert [f.shape[-2:] for f in a] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
     assert all(torch.equal(p, q) for p, q in zip(a, b)) and torch.equal(sa, sb)
     assert torch.equal(a[4], a[3][..., ::2, ::2])  # mmdet's max_pool2d(P5, 1, stride=2)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip import build_model
+from denseclip import build_model, language
 from denseclip.inference import slide_inference
 from denseclip.segmentor import seg_cross_entropy
 
@@ -27,11 +27,17 @@ def test_shapes_and_losses(size, prompting):
     assert set(losses) == {"loss_decode", "loss_aux"}
     assert all(torch.isfinite(v) for v in losses.values())
     model.eval()
+    seen = {}  # the head's logits and the score map concatenated to x4, inside one forward
+    hooks = [model.decode_head.register_forward_hook(lambda m, args, out: seen.update(logits=out)),
+             model.neck.register_forward_pre_hook(lambda m, args: seen.update(score=args[0][3][:, -4:]))]
     with torch.no_grad():
-        logits, score = model.forward_logits(x)
-        assert logits.shape == (2, 4, size[0] // 4, size[1] // 4)
-        assert score.shape == (2, 4, size[0] // 32, size[1] // 32)
         assert model(x).shape == (2, 4, *size)
+        _, zg, zd = model.backbone.forward_dense(x)
+        score = language.score_map(zd, language.context_aware_text(model, zg, zd))
+    for hook in hooks:
+        hook.remove()
+    assert seen["logits"].shape == (2, 4, size[0] // 4, size[1] // 4)
+    assert score.shape == (2, 4, size[0] // 32, size[1] // 32) and torch.equal(seen["score"], score)
 
 
 def test_baseline_has_no_language():
@@ -75,7 +81,7 @@ def test_gamma_and_score_map_definition(tiny):
         visual = torch.cat([zg[:, None], zd.flatten(2).transpose(1, 2)], 1)
         t = t0 + tiny.gamma * tiny.context_decoder(t0, visual)
         ref = (F.normalize(zd, dim=1)[:, None] * F.normalize(t, dim=2)[..., None, None]).sum(2)
-        assert torch.allclose(tiny.score_map(zg, zd), ref, atol=1e-5)
+        assert torch.allclose(language.score_map(zd, language.context_aware_text(tiny, zg, zd)), ref, atol=1e-5)
     assert torch.allclose(tiny.gamma, torch.full_like(tiny.gamma, 1e-4))
 
 

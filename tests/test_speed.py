@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from denseclip.data.procedural import SHAPE_CLASSES
-from denseclip import build_model
+from denseclip import build_model, language
 from test_train import torchrun
 
 NO_DROPOUT = dict(head_dropout=0.0, decoder_dropout=0.0)
@@ -22,7 +22,7 @@ def accumulated_grads(model, batches, text_once: bool, scale: float = 1.0):
     model.zero_grad(set_to_none=True)
     calls = []
     hook = model.text_encoder.register_forward_hook(lambda *a: calls.append(1))
-    with model.text_once_per_step() if text_once else contextlib.nullcontext():
+    with language.text_once_per_step(model) if text_once else contextlib.nullcontext():
         for images, labels in batches:
             (sum(model(images, labels).values()) * scale / len(batches)).backward()
     hook.remove()
@@ -54,19 +54,19 @@ def test_text_once_per_step_gives_per_micro_batch_gradients(freeze, dtype):
     for name, g in ref.items():
         assert rel_diff(scaled[name] / 1024.0, g) < 1e-6, name
     # Outside the context and in evaluation nothing changed: per-call text, cached in eval.
-    assert model._text_step is None
+    assert model.text_cache.step is None
 
 
 def test_pre_model_prompting_keeps_one_text_pass_per_micro_batch():
     """Per-image prompts: the text depends on each image, so the context leaves every forward as it was."""
     torch.manual_seed(0)
     model = build_model("denseclip_tiny", SHAPE_CLASSES, prompting="pre", **NO_DROPOUT).train()
-    assert model.text_once_parameters() == []
+    assert language.text_once_parameters(model) == []
     calls = []
     model.text_encoder.register_forward_hook(lambda *a: calls.append(1))
     images, labels = micro_batches(n=1)[0]
-    with model.text_once_per_step():
-        assert model._text_step is None
+    with language.text_once_per_step(model):
+        assert model.text_cache.step is None
         with torch.no_grad():
             model(images, labels)
             model(images, labels)
@@ -91,7 +91,7 @@ def test_bf16_autocast_keeps_losses_bn_statistics_and_score_map_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         feats, z_global, z_dense = model.backbone.forward_dense(images)
         assert z_dense.dtype == torch.bfloat16  # the image encoder does run in bf16
-        score = model.score_map(z_global, z_dense)
+        score = language.score_map(z_dense, language.context_aware_text(model, z_global, z_dense))
         losses = model(images, labels)
     assert score.dtype == torch.float32 and all(v.dtype == torch.float32 for v in losses.values())
     assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32

@@ -1,5 +1,5 @@
 """DenseCLIP detectors (paper Sec. 4.2) on torchvision's RetinaNet (retinanet.py) and Mask R-CNN (maskrcnn.py), with
-mmdet 2.17's anchors (anchors.py) and the DenseCLIP backbone-with-neck and box-target auxiliary loss they share
+mmdet 2.17's anchors (anchors.py) and the DenseCLIP features and box-target auxiliary loss they share, as functions
 (features.py). `build_detector(name, class_names)` builds a named detection config (configs.py)."""
 from dataclasses import replace
 from typing import Sequence

@@ -1,12 +1,13 @@
-"""DenseCLIP Mask R-CNN (paper Sec. 4.2, instance segmentation): the DenseCLIP backbone-with-neck of detection.py
-on torchvision's MaskRCNN.
+"""DenseCLIP Mask R-CNN (paper Sec. 4.2, instance segmentation): torchvision's MaskRCNN with the DenseCLIP features
+that both detectors share (features.py). `forward` runs, in order:
 
     images -> GeneralizedRCNNTransform (keep-ratio resize of images, boxes and masks; CLIP mean/std; pad to 32)
-    -> CLIP ResNet + s / τ into C5 + mmdet's FPN: P2..P6, P6 = max_pool(P5, 1, stride 2)  (detection.py, shared)
+    -> image encoder, t with contexts, γ · context decoder, s / τ into C5, mmdet's FPN: P2..P6, P6 = max_pool(P5, 1,
+       stride 2)                                                                           features.extract_feat
     -> RPN (3x3 conv, objectness, deltas; mmdet anchors 8 x stride over strides 4..64)     torchvision RPN
     -> RoIAlign 7x7 / 14x14 from P2..P5 (mmdet's level rule, aligned=True: MMDetRoIAlign)
     -> two shared fcs -> class scores and class-specific deltas; 4 convs + 2x deconv -> 28x28 mask logits
-    loss_aux = the box-target BCE of the score map (as RetinaNet's)
+    + loss_aux = the box-target BCE of s / τ (as RetinaNet's)                               features.aux_losses
 
 Mirrors the official `DenseCLIP_MaskRCNN` (detection/denseclip/denseclip.py) with mmdet 2.17's mask_rcnn_r50_fpn
 (RPNHead, Shared2FCBBoxHead, FCNMaskHead, SingleRoIExtractor). Backbone, text side, FPN keep the official names;
@@ -30,7 +31,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from ..clip import CLIP_MEAN, CLIP_STD
 from ..configs import DetectionConfig
 from .anchors import MMDetAnchorGenerator
-from .features import DenseCLIPFeatures, clip_backbone
+from .features import add_text_and_neck, aux_losses, clip_backbone, extract_feat, transform
 
 BOX_ROI_SIZE, MASK_ROI_SIZE = 7, 14  # mmdet's bbox / mask roi_layer output_size (the mask head upsamples to 28)
 
@@ -66,8 +67,8 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
         return out
 
 
-class DenseCLIPMaskRCNN(MaskRCNN, DenseCLIPFeatures):
-    """torchvision's MaskRCNN with the DenseCLIP backbone-with-neck (or, with use_text False, the plain CLIP ResNet
+class DenseCLIPMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN with the DenseCLIP features (or, with use_text False, the plain CLIP ResNet
     + FPN baseline). train: model(images, targets with masks) -> {loss_rpn_cls, loss_rpn_bbox, loss_cls, loss_bbox,
     loss_mask[, loss_aux]}; eval: model(images) -> [{boxes, scores, labels, masks}], boxes in each image's own
     pixels, masks uint8 (n, H, W) at its size (probability >= cfg.mask_thresh)."""
@@ -104,25 +105,21 @@ class DenseCLIPMaskRCNN(MaskRCNN, DenseCLIPFeatures):
                                         cfg.roi_finest_scale),
             mask_head=MaskRCNNHeads(C, [cfg.mask_conv_channels] * 4, 1),  # 4 3x3 convs, dilation 1
             mask_predictor=MaskRCNNPredictor(cfg.mask_conv_channels, cfg.mask_conv_channels, K + 1))
-        self.init_features(cfg, class_names)  # language, C5 + K channels, mmdet's FPN (shared with RetinaNet)
+        add_text_and_neck(self, cfg, class_names)  # cfg, language side, mmdet's FPN on C2..C5 + s / τ
         for conv in self.rpn.head.modules():  # mmdet's RPNHead init: normal(0, 0.01), zero bias (torchvision: same)
             if isinstance(conv, nn.Conv2d):
                 nn.init.normal_(conv.weight, std=0.01)
                 nn.init.zeros_(conv.bias)
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
-        """torchvision's GeneralizedRCNN.forward with our features, labels shifted to torchvision's 1..K, and the
-        aux loss on the transformed targets."""
+        """torchvision's GeneralizedRCNN.forward with the DenseCLIP features, labels shifted to torchvision's 1..K,
+        and the aux loss on the transformed targets."""
         if self.training:
             if targets is None or any("masks" not in t for t in targets):
                 raise ValueError("Mask R-CNN training needs targets with masks (build the dataset with masks=True)")
             targets = [{**t, "labels": t["labels"] + 1} for t in targets]  # 0 is torchvision's background
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        images, targets = self.transform(images, targets)  # images, boxes and masks resized alike; images padded
-        for t in targets or []:
-            if (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any():
-                raise ValueError("boxes must have positive width and height (x2 > x1, y2 > y1)")
-        levels, score = self.extract_feat(images.tensors)
+        images, targets, original_sizes = transform(self, images, targets)  # boxes and masks resized alike
+        levels, score = extract_feat(self, images.tensors)  # P2..P6, s / τ (B, K, h, w)
         features = OrderedDict((str(i), f) for i, f in enumerate(levels))  # P2..P6 under torchvision's names
         proposals, rpn_losses = self.rpn(images, features, targets)
         detections, roi_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
@@ -131,7 +128,7 @@ class DenseCLIPMaskRCNN(MaskRCNN, DenseCLIPFeatures):
             return {"loss_rpn_cls": rpn_losses["loss_objectness"], "loss_rpn_bbox": rpn_losses["loss_rpn_box_reg"],
                     "loss_cls": roi_losses["loss_classifier"], "loss_bbox": roi_losses["loss_box_reg"],
                     "loss_mask": roi_losses["loss_mask"],
-                    **self.aux_losses(score, aux_targets, images.tensors.shape[-2:])}
+                    **aux_losses(self.cfg, score, aux_targets, images.tensors.shape[-2:])}
         detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
         for d in detections:
             d["labels"] = d["labels"] - 1

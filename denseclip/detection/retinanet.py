@@ -1,11 +1,12 @@
-"""DenseCLIP detectors (paper Sec. 4.2): the DenseCLIP backbone-with-neck on torchvision's RetinaNet.
+"""DenseCLIP RetinaNet (paper Sec. 4.2, object detection): torchvision's RetinaNet with the DenseCLIP features that
+both detectors share (features.py). `forward` runs, in order:
 
-    images -> GeneralizedRCNNTransform (keep-ratio resize, CLIP mean/std, pad to 32)     torchvision
-    -> CLIP ResNet -> C2..C5, z̄, z      (clip.py; attention-pool positions CROPPED to the grid)
-    s = <ẑ, t̂> / τ  (B, K, h, w)         (language.py: text features, context decoder, score map)
-    C5 <- [C5, s / τ] -> FPN (mmdet's: C3..C5 -> P3..P5, P6 = conv(C5), P7 = conv(P6))
-    -> RetinaHead, anchors, focal + L1 losses, box coding, NMS                          torchvision
-    loss_aux = BCE(s / τ upsampled to stride 4, box targets), averaged over covered cells
+    images -> GeneralizedRCNNTransform (keep-ratio resize, CLIP mean/std, pad to 32)        torchvision
+    -> image encoder: CLIP ResNet -> C2..C5, z̄, z   (resnet.py; attention-pool positions CROPPED to the grid)
+    -> t (contexts, text encoder) -> t + γ · ContextDecoder(t, [z̄; z]) -> s / τ (B, K, h, w)   language.py
+    -> C5 <- [C5, s / τ] -> FPN (mmdet's: C3..C5 -> P3..P5, P6 = conv(C5), P7 = conv(P6))  features.extract_feat
+    -> RetinaHead, anchors, focal + L1 losses, box coding, NMS                             torchvision
+    + loss_aux = BCE(s / τ upsampled to stride 4, box targets), averaged over covered cells  features.aux_losses
 
 Mirrors the official `DenseCLIP_RetinaNet` (detection/denseclip/denseclip.py) with mmdet 2.17's `FPN` (fpn.py);
 parameter names are the official ones (`backbone.*`, `text_encoder.*`, `contexts`, `gamma`, `context_decoder.*`,
@@ -25,11 +26,11 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from ..clip import CLIP_MEAN, CLIP_STD
 from ..configs import DetectionConfig
 from .anchors import MMDetAnchorGenerator
-from .features import DenseCLIPFeatures, clip_backbone
+from .features import add_text_and_neck, aux_losses, clip_backbone, extract_feat, transform
 
 
-class DenseCLIPRetinaNet(RetinaNet, DenseCLIPFeatures):
-    """torchvision's RetinaNet with the DenseCLIP backbone-with-neck (or, with use_text False, the plain CLIP
+class DenseCLIPRetinaNet(RetinaNet):
+    """torchvision's RetinaNet with the DenseCLIP features (or, with use_text False, the plain CLIP
     ResNet + FPN baseline). train: model(images, targets) -> {loss_cls, loss_bbox[, loss_aux]}; eval:
     model(images) -> [{boxes, scores, labels}] in each image's own pixels (see the detection contract)."""
 
@@ -47,20 +48,16 @@ class DenseCLIPRetinaNet(RetinaNet, DenseCLIPFeatures):
                          detections_per_img=cfg.detections_per_img, fg_iou_thresh=cfg.fg_iou_thresh,
                          bg_iou_thresh=cfg.bg_iou_thresh, topk_candidates=cfg.topk_candidates,
                          size_divisible=cfg.size_divisible)
-        self.init_features(cfg, class_names)  # language, C5 + K channels, mmdet's FPN
+        add_text_and_neck(self, cfg, class_names)  # cfg, language side, mmdet's FPN on C2..C5 + s / τ
         if len(cfg.anchor_strides) != cfg.fpn_num_outs:
             raise ValueError(f"{len(cfg.anchor_strides)} anchor strides for {cfg.fpn_num_outs} FPN levels")
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
-        """torchvision's RetinaNet.forward with our features, and the aux loss on the transformed targets."""
+        """torchvision's RetinaNet.forward with the DenseCLIP features, and the aux loss on the transformed targets."""
         if self.training and targets is None:
             raise ValueError("training needs targets")
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        images, targets = self.transform(images, targets)  # resized, normalised, padded; boxes resized alike
-        for t in targets or []:
-            if (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any():
-                raise ValueError("boxes must have positive width and height (x2 > x1, y2 > y1)")
-        feats, score = self.extract_feat(images.tensors)
+        images, targets, original_sizes = transform(self, images, targets)
+        feats, score = extract_feat(self, images.tensors)  # P3..P7, s / τ (B, K, h, w)
         head_outputs = self.head(feats)  # cls_logits (B, sum h*w*A, K), bbox_regression (B, sum h*w*A, 4)
         # losses and box decoding in fp32 under autocast, as mmdet's force_fp32 (bf16 boxes would be 4-8 px coarse)
         head_outputs = {k: v.float() for k, v in head_outputs.items()}
@@ -68,7 +65,7 @@ class DenseCLIPRetinaNet(RetinaNet, DenseCLIPFeatures):
         if self.training:
             tv = self.compute_loss(targets, head_outputs, anchors)
             losses = {"loss_cls": tv["classification"], "loss_bbox": tv["bbox_regression"]}
-            return {**losses, **self.aux_losses(score, targets, images.tensors.shape[-2:])}
+            return {**losses, **aux_losses(self.cfg, score, targets, images.tensors.shape[-2:])}
         per_level = [f.shape[-2] * f.shape[-1] * self.anchor_generator.num_anchors_per_location()[0] for f in feats]
         split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
         detections = self.postprocess_detections(split, [list(a.split(per_level)) for a in anchors],
