@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: E402
 from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
 from denseclip import build_model  # noqa: E402
+from denseclip.language import text_once_per_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402
@@ -100,7 +101,7 @@ def train_step_fn(model, x, y, device, amp=None, optim="default", accum=1, text_
     cast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def step():
-        with model.text_once_per_step() if text_once else contextlib.nullcontext():
+        with text_once_per_step(model) if text_once else contextlib.nullcontext():
             for _ in range(accum):
                 with cast():
                     loss = sum(model(x, y).values()) / accum
@@ -227,7 +228,7 @@ def main(argv=None):
         opt = torch.optim.AdamW(params, lr=1e-6)
 
         def cstep():
-            with m4.text_once_per_step():
+            with text_once_per_step(m4):
                 sum(compiled(x4, y4).values()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
