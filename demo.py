@@ -9,8 +9,10 @@ For each image (a file, or every image under a folder) it writes, under --out-di
   NAME.png          the prediction blended over the photo, with a legend (colour + name) of the classes present
   NAME_label.png    the raw prediction: a palette PNG whose pixel values are the class indices
   NAME_scores.png   with --score-maps: the pixel-text score map of each named class as a heat map over the photo
-Images keep their size and EXIF orientation; any PIL mode is read as RGB. Large images are segmented in
-overlapping windows of the model's test crop (slide inference).
+Images keep their size and EXIF orientation and are read as the datasets read them (data/image_io.read_image:
+OpenCV's IMREAD_COLOR rules, so grey and palette images become RGB and 16-bit ones keep their high byte), so the
+demo feeds the model the pixels eval.py does. Large images are segmented in overlapping windows of the model's test
+crop (slide inference).
 
 --classes (open vocabulary) segments with names the model was not trained on: they go through the trained
 contexts, the frozen text encoder and the context decoder, and each pixel takes the name with the highest score
@@ -22,24 +24,21 @@ model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
 """
 import argparse
 import functools
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from denseclip.run import visualize
-from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, task_of
-from denseclip.data.segmentation import read_class_names
-from denseclip.configs import config_overrides
-from denseclip.run.visualize import palette
-from denseclip.progress import progress
 from denseclip import build_model, inference
+from denseclip.checkpoint import load_checkpoint
+from denseclip.configs import CONFIGS, config_overrides, task_of
+from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
+from denseclip.data.segmentation import read_class_names
 from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from denseclip.errors import run_main
+from denseclip.progress import progress
+from denseclip.run import visualize
+from denseclip.run.checkpoints import saved_run
 
 
 def parse_args(argv=None):
@@ -65,19 +64,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def checkpoint_meta(path: str):
-    """(train.py args, class names) stored in one of our checkpoints; ({}, None) for other files."""
-    try:  # mmap: only the small pickle is read, not the tensors
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, ValueError):  # TorchScript or legacy files: not ours
-        return {}, None
-    if not isinstance(obj, dict):
-        return {}, None
-    return obj.get("args", {}), obj.get("class_names")
-
-
 def load_model(args, device):
-    saved, saved_names = checkpoint_meta(args.checkpoint)
+    run = saved_run(args.checkpoint)  # train.py's options and classes ({} for other files)
+    saved, saved_names = run.get("args", {}), run.get("class_names")
     name = args.model or saved.get("model")
     if name is None:
         raise SystemExit("--model is required for checkpoints not written by train.py")
@@ -95,17 +84,6 @@ def load_model(args, device):
         dataset = saved.get("dataset")
         scale = None if dataset == "procedural" else saved.get("scale", [2048, 512])
     return model.to(device).eval(), scale
-
-
-def load_photo(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB, upright as the camera's EXIF orientation says; 16-bit and float greys scaled to 8 bits."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(im, dtype=np.float64)
-            a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
-            im = Image.fromarray(a.round().astype(np.uint8))
-        return np.array(im.convert("RGB"))
 
 
 def find_images(items) -> list:
@@ -148,13 +126,13 @@ def main(argv=None):
     names = [n.strip() for n in args.classes.split(",")] if args.classes else None
     score_names = [n.strip() for n in args.score_maps.split(",")] if args.score_maps else None
     class_names = names or model.class_names
-    pal = palette()
+    pal = visualize.palette()
     roots = [Path(i) for i in args.images]
     out_dir, written = Path(args.out_dir), []
     for path in progress(find_images(args.images), "demo"):
         root = next((r for r in roots if r.is_dir() and r in path.parents), path.parent)
         stem = out_dir / path.relative_to(root).with_suffix("")
-        photo = load_photo(path)
+        photo = read_image(path)  # the dataset's reader: the pixels eval.py feeds the model
         pred, scores = segment(model, photo, device, scale, args.mode, names, score_names)
         picture, legend = visualize.prediction_picture(photo, pred, class_names, pal)
         visualize.save_png(picture, f"{stem}.png", legend=legend)
@@ -168,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

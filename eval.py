@@ -13,32 +13,31 @@ Distributed evaluation gives each rank an unpadded shard (rank, rank + world, ..
 matrices with one all_reduce, so 1 and N processes report the same mIoU (DistributedSampler would pad the
 last shard with repeated images and count them twice); detections are gathered from every rank in the same way
 and scored once by COCOeval; the last line is `bbox AP <AP@[.5:.95] x 100, 2 decimals>` (Mask R-CNN: then
-`segm AP <mask AP>`). The shared pieces
-(data options, datasets, `evaluate`) live in denseclip/engine.py, the distributed set-up in
-denseclip/distributed.py.
+`segm AP <mask AP>`). The script is argparse -> model and dataset -> the task: the evaluation loop is
+denseclip/run/evaluate.py, what differs between segmentation and detection (metric, test options, --out, --show-dir
+pictures) denseclip/run/tasks.py, the data options and datasets denseclip/data/options.py.
 """
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from denseclip import build_model
-from denseclip.checkpoint import load_checkpoint
-from denseclip.checkpoint import load_clip
+from denseclip.checkpoint import load_checkpoint, load_clip
 from denseclip.clip import READOUTS
-from denseclip.configs import CONFIGS, DenseCLIPConfig, task_of
-from denseclip.run.distributed import init_distributed, print0
-from denseclip.run import visualize
-from denseclip.configs import config_overrides
-from denseclip.data.options import add_data_args, build_dataset
-from denseclip.run.checkpoints import saved_train_args
-from denseclip.run.evaluate import AUG_RATIOS, evaluate, image_name
+from denseclip.configs import CONFIGS, DenseCLIPConfig, config_overrides
+from denseclip.data.options import add_data_args
 from denseclip.errors import ConfigError, run_main
-from denseclip.data.preflight import check_data
+from denseclip.run.checkpoints import saved_train_args
+from denseclip.run.distributed import init_distributed, print0
+from denseclip.run.evaluate import AUG_RATIOS, evaluate
+from denseclip.run.tasks import SEGMENTATION, task_for
 from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
+
+# The data and model options a checkpoint of ours remembers: left unset, they take the values it was trained with.
+INHERIT = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
+           "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed",
+           "train_ann", "train_images", "val_ann", "val_images"}
 
 
 def parse_args(argv=None):
@@ -72,15 +71,11 @@ def parse_args(argv=None):
                    help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
     given = p.parse_args(argv)
     saved = saved_train_args(given.checkpoint)
-    # Our checkpoints remember how they were trained: the data and model options default to those values.
-    inherit = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
-               "reduce_zero_label", "class_names", "scale", "crop_size", "val_size", "overrides", "seed",
-               "train_ann", "train_images", "val_ann", "val_images"}
-    plain = {k: p.get_default(k) for k in inherit}
-    p.set_defaults(**{k: v for k, v in saved.items() if k in inherit})
+    plain = {k: p.get_default(k) for k in INHERIT}
+    p.set_defaults(**{k: v for k, v in saved.items() if k in INHERIT})
     args = p.parse_args(argv)
     # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
-    args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in inherit - {"seed"} and
+    args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in INHERIT - {"seed"} and
                             getattr(given, k) == plain[k] and v != plain[k]}
     if args.score_maps and (args.zero_shot or not args.show_dir):
         p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
@@ -91,20 +86,21 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
-    if args.zero_shot:
-        return zero_shot(args, device, rank, world)
+def inherited(options: dict) -> str:
+    """The options taken from the checkpoint, as the command-line flags that would give them."""
+    return " ".join(" ".join(f"--set {x}" for x in v) if k == "overrides" else
+                    f"--{k.replace('_', '-')}" if v is True else
+                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in options.items())
+
+
+def trained_model(args, task):
+    """A trained model (our checkpoint, an official one, or a state dict) and its task's validation set."""
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     if args.from_checkpoint:
-        print0("options taken from the checkpoint: " + " ".join(
-            " ".join(f"--set {x}" for x in v) if k == "overrides" else
-            f"--{k.replace('_', '-')}" if v is True else
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in args.from_checkpoint.items()))
-    print0(check_data(args, splits=("val",)))
-    dataset = build_dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
+        print0("options taken from the checkpoint: " + inherited(args.from_checkpoint))
+    print0(task.check_data(args, splits=("val",)))
+    dataset = task.dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
     model = build_model(args.model, dataset.class_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
@@ -113,80 +109,48 @@ def main(argv=None):
         print0(f"note: a PARTIAL evaluation, the first {len(dataset)} validation images only (--val-size "
                f"{args.val_size}{', from the checkpoint' if 'val_size' in args.from_checkpoint else ''}); "
                "pass --val-size 0 for all")
-    model.to(device)
-    if task_of(args.model) == "detection":
-        return evaluate_detector(args, model, dataset, device, rank, world)
-    mode = args.mode or model.cfg.test_mode
-    res = report_results(args, model, dataset, device, mode, rank, world)
-    if args.score_maps and rank == 0:
-        write_score_maps(model, dataset, [n.strip() for n in args.score_maps.split(",")], args, device)
-    return res
+    return model, dataset
 
 
-@torch.no_grad()
-def write_score_maps(model, dataset, names, args, device):
-    """Score-map pictures (visualize.score_picture) of the first images, at their test size, under --show-dir."""
-    model.eval()
-    for index in range(min(args.score_map_images, len(dataset))):
-        image = dataset[index][0]  # (3, h, w) normalised
-        scores = model.score_logits(image[None].to(device), names)[0] * model.cfg.tau  # (K', h, w) cosine
-        picture, value_range = visualize.score_picture(visualize.denormalize(image), scores.cpu().numpy(), names)
-        path = Path(args.show_dir) / image_name(dataset, index)
-        visualize.save_png(picture, path.with_name(path.stem + "_scores.png"), names=names, range=value_range)
-
-
-def zero_shot(args, device, rank, world):
+def zero_shot_model(args, task):
     """Raw CLIP weights + the dataset's class names -> per-pixel argmax of the score map (no training)."""
     clip = load_clip(args.checkpoint)
     res = clip.visual.input_resolution
-    dataset = build_dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
-    mode = args.mode or "whole"
-    cfg = ZeroShotConfig(args.readout, args.templates, mode, test_crop=res, test_stride=res * 2 // 3)
+    dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
+    cfg = ZeroShotConfig(args.readout, args.templates, args.mode or "whole", test_crop=res, test_stride=res * 2 // 3)
     print0(f"zero-shot: {args.checkpoint}, read-out {args.readout}, {len(TEMPLATES[args.templates])} template(s), "
            f"{len(dataset.class_names)} classes")
-    model = ZeroShotSegmenter(clip, dataset.class_names, cfg).to(device)
     args.model = f"zero-shot {args.readout}"
-    return report_results(args, model, dataset, device, mode, rank, world)
+    return ZeroShotSegmenter(clip, dataset.class_names, cfg), dataset
 
 
-def report_results(args, model, dataset, device, mode, rank, world):
-    print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images: mode {mode}, "
-           f"ratios {args.ratios}, flip {args.flip}, {world} process(es)")
-    cm = evaluate(model, dataset, device, mode, args.ratios, args.flip, args.amp, args.workers, args.show_dir)
-    print0(cm.format_table(dataset.class_names))
-    res = cm.compute()
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    if args.zero_shot:  # raw CLIP weights: segmentation, with no training
+        task = SEGMENTATION
+        model, dataset = zero_shot_model(args, task)
+    else:
+        task = task_for(args.model)
+        model, dataset = trained_model(args, task)
+    model.to(device)
+    test = task.test_options(args, model)  # segmentation: mode, ratios, flip; detection: none
+    how = ", ".join(f"{k} {v}" for k, v in test.items())
+    print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images"
+           f"{': ' + how if how else ''}, {world} process(es)")
+    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, **test)
+    res = metric.compute()
+    print0(metric.format_table(dataset.class_names))
     if args.out and rank == 0:
-        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "model": args.model, "mode": mode,
-                                              "ratios": args.ratios, "flip": args.flip, "images": len(dataset),
-                                              "val_size": args.val_size or None, **res,
-                                              "class_names": list(dataset.class_names)}, indent=1))
+        task.write_out(args.out, metric, res, dataset, {"checkpoint": args.checkpoint, "model": args.model, **test,
+                                                        "images": len(dataset), "val_size": args.val_size or None})
+    if task.report(res):
+        print0(task.report(res))
     if world > 1:
         dist.destroy_process_group()
-    return res
-
-
-def segm_path(out: str) -> Path:
-    """Where --out's mask results go: dets.json -> dets.segm.json."""
-    return Path(out).with_suffix(".segm.json")
-
-
-def evaluate_detector(args, model, dataset, device, rank, world):
-    if args.mode or args.flip or args.ratios != [1.0]:
-        raise SystemExit("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
-                         "is tested at its config's min_size/max_size")
-    print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images, {world} process(es)")
-    evaluator = evaluate(model, dataset, device, amp=args.amp, workers=args.workers, show_dir=args.show_dir)
-    res = evaluator.compute()
-    print0(evaluator.format_table(dataset.class_names))
-    if args.out and rank == 0:
-        Path(args.out).write_text(json.dumps(evaluator.results))
-        if "segm" in res:  # Mask R-CNN: the masks (RLE) next to the boxes, as mmdet's .bbox.json / .segm.json
-            segm_path(args.out).write_text(json.dumps(evaluator.segm_results))
-    print0(f"bbox AP {100 * res['AP']:.2f}")
-    if "segm" in res:
-        print0(f"segm AP {100 * res['segm']['AP']:.2f}")
-    if world > 1:
-        dist.destroy_process_group()
+    if args.score_maps and rank == 0:
+        names = [n.strip() for n in args.score_maps.split(",")]
+        task.score_pictures(model, dataset, names, args.show_dir, args.score_map_images, device)
     return res
 
 

@@ -4,10 +4,11 @@ same mmseg pipeline on OpenCV (cv2.resize / cv2.cvtColor, NumPy elsewhere: what 
     python bench/loader.py                  # both paths (the OpenCV one only if cv2 is installed)
     python bench/loader.py --no-opencv      # hides cv2 first, as on a machine without it
 
-One sample is what a DataLoader worker does for ADE20K: decode a 683x512 JPEG and its PNG label (PIL), then
-TrainTransform at the official settings (scale (2048, 512) x U(0.5, 2), crop 512 with cat_max_ratio 0.75, flip,
-photometric distortion, normalise, pad). Both paths draw the same random numbers per sample. Images/s per worker
-is 1 / (seconds per sample); a training step of B images per GPU needs B / step-time images/s from the workers.
+One sample is what a DataLoader worker does for ADE20K: decode a 683x512 JPEG and its PNG label (image_io's
+readers, as the dataset), then TrainTransform at the official settings (scale (2048, 512) x U(0.5, 2), crop 512
+with cat_max_ratio 0.75, flip, photometric distortion, normalise, pad). Both paths draw the same random numbers per
+sample. Images/s per worker is 1 / (seconds per sample); a training step of B images per GPU needs B / step-time
+images/s from the workers.
 Times are this process's CPU time (time.process_time), not wall time: on a shared machine the wall clock also
 counts the time other processes held the core, which penalises long computations more than short ones.
 """
@@ -24,6 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from denseclip.data import transforms as T  # noqa: E402
+from denseclip.data.image_io import read_image, read_label  # noqa: E402
 
 
 def opencv_train_transform(t: T.TrainTransform, cv2, image, label, rng):
@@ -84,11 +86,8 @@ def ade_like_sample(seed: int):
 
 
 def decode(jpg: bytes, png: bytes):
-    with Image.open(io.BytesIO(jpg)) as im:
-        image = np.array(im.convert("RGB"))
-    with Image.open(io.BytesIO(png)) as im:
-        label = np.asarray(im)
-    return image, label
+    """The dataset's own readers (image_io): the image upright as RGB, the label with ADE20K's 0 -> 255 rule."""
+    return read_image(io.BytesIO(jpg)), read_label(io.BytesIO(png), reduce_zero_label=True, num_classes=150)
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import plot_log  # noqa: E402
 import train  # noqa: E402
+from denseclip.run.log import tensorboard_writer  # noqa: E402
 
 
 def test_tensorboard_logs_what_log_jsonl_says_and_plot_log_draws_it(tmp_path):
@@ -41,4 +42,4 @@ def test_tensorboard_logs_what_log_jsonl_says_and_plot_log_draws_it(tmp_path):
 def test_tensorboard_missing_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.raises(SystemExit, match="pip install tensorboard"):
-        train.tensorboard_writer(tmp_path)
+        tensorboard_writer(tmp_path)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from denseclip.run import visualize
+from denseclip.data.image_io import read_image
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES, render_shapes
 from denseclip.run.visualize import palette
 from denseclip import build_model, language
@@ -65,7 +66,7 @@ def test_demo_writes_blend_legend_and_label_at_input_size(setup):
                                                                            "sub/grey.png"]
     sizes = {"rotated": (72, 96), "sub/grey": (64, 64), "large": (160, 320)}  # (H, W) upright
     for name, (H, W) in sizes.items():
-        photo = demo.load_photo(next(images.glob(name + ".*")))
+        photo = read_image(next(images.glob(name + ".*")))
         assert photo.shape == (H, W, 3)
         label = Image.open(out / f"{name}_label.png")
         assert label.mode == "P" and label.size == (W, H)
@@ -84,7 +85,7 @@ def test_demo_writes_blend_legend_and_label_at_input_size(setup):
             ink = picture[y:y + visualize.ROW, W + x + visualize.SWATCH + visualize.PAD:]
             assert (ink.sum(-1) < 300).any()  # dark text pixels on the white panel
     # the large image went through slide windows: its prediction is the model's slide prediction
-    photo = demo.load_photo(images / "large.png")
+    photo = read_image(images / "large.png")
     x = normalized(photo)
     direct = model.predict(x, mode="slide")[0].argmax(0).numpy()
     assert (direct == np.asarray(Image.open(out / "large_label.png"))).mean() > 0.999
@@ -95,7 +96,7 @@ def test_score_map_picture_brightens_with_the_score(setup):
     out = tmp / "scores"
     names = ["circle", "star", "kettle"]  # a training class names and one it never saw
     demo.main([str(ckpt), str(images / "rotated.jpg"), "--out-dir", str(out), "--score-maps", ",".join(names)])
-    photo = demo.load_photo(images / "rotated.jpg")
+    photo = read_image(images / "rotated.jpg")
     H, W = photo.shape[:2]
     with torch.no_grad():  # the cosine score maps written out: backbone, score map for these names, resize
         _, zg, zd = model.backbone.forward_dense(normalized(photo))
@@ -124,7 +125,7 @@ def test_open_vocabulary_demo_uses_the_score_map(setup):
     out = tmp / "open"
     names = ["disc", "box", "sky"]
     demo.main([str(ckpt), str(images / "sub"), "--out-dir", str(out), "--classes", ",".join(names)])
-    photo = demo.load_photo(images / "sub" / "grey.png")
+    photo = read_image(images / "sub" / "grey.png")
     x = normalized(photo)
     expected = model.score_logits(x, names)[0].argmax(0).numpy()
     pred = np.asarray(Image.open(out / "grey_label.png"))
@@ -135,7 +136,7 @@ def test_open_vocabulary_demo_uses_the_score_map(setup):
 
 def test_official_and_text_free_checkpoints(setup, capsys):
     model, ckpt, images, tmp = setup
-    photo = demo.load_photo(images / "sub" / "grey.png")
+    photo = read_image(images / "sub" / "grey.png")
     x = normalized(photo)
     ref = model.predict(x)[0].argmax(0).numpy()
     official = tmp / "official.pth"

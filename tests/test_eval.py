@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 from denseclip.configs import config_overrides  # noqa: E402
 from denseclip.run.evaluate import AUG_RATIOS, evaluate  # noqa: E402
+from denseclip.run.tasks import SEGMENTATION  # noqa: E402
 from denseclip.run.visualize import palette  # noqa: E402
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES  # noqa: E402
 from denseclip.errors import ConfigError  # noqa: E402
@@ -61,8 +62,8 @@ def test_aug_test_at_ratio_one_without_flip_is_single_scale(model):
 def test_evaluate_ratio_one_equals_default(model):
     ds = ProceduralShapes("val", size=64, length=4)
     cpu = torch.device("cpu")
-    a = evaluate(model, ds, cpu)
-    b = evaluate(model, ds, cpu, ratios=[1.0], flip=False, mode="slide")
+    a = evaluate(model, ds, cpu, SEGMENTATION)
+    b = evaluate(model, ds, cpu, SEGMENTATION, ratios=[1.0], flip=False, mode="slide")
     assert torch.equal(a.mat, b.mat)
 
 

@@ -16,7 +16,7 @@ from torchvision.ops import roi_align
 
 import official_keys
 from denseclip import build_model
-from denseclip.data.options import build_dataset
+from denseclip.run.tasks import task_for
 from denseclip.run.visualize import draw_detections, palette
 from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_maskrcnn_heads_to_ours
 from denseclip.data.coco import CocoDetection
@@ -97,9 +97,10 @@ def test_masks_follow_flip_resize_and_pad(tmp_path, tiny):
 def test_procedural_training_data_has_masks_for_maskrcnn_only():
     args = train.parse_args(["--model", "maskrcnn_tiny"])
     cfg = build_model("maskrcnn_tiny", NAMES).cfg
-    assert build_dataset(args, "train", cfg).masks and not build_dataset(args, "val", cfg).masks
+    task = task_for("maskrcnn_tiny")
+    assert task.dataset(args, "train", cfg).masks and not task.dataset(args, "val", cfg).masks
     args = train.parse_args(["--model", "retinanet_tiny"])
-    assert not build_dataset(args, "train", build_model("retinanet_tiny", NAMES).cfg).masks
+    assert not task_for("retinanet_tiny").dataset(args, "train", build_model("retinanet_tiny", NAMES).cfg).masks
 
 
 # ------------------------------------------------------------------------------------------------- model

@@ -12,7 +12,7 @@ from .transforms import IGNORE_INDEX
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held (1 = upright, 5..8 = quarter turns)
-
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # what counts as an image file
 
 
 def oriented_size(im: Image.Image) -> Tuple[int, int]:
@@ -20,7 +20,6 @@ def oriented_size(im: Image.Image) -> Tuple[int, int]:
     w, h = im.size
     orientation = im.getexif().get(EXIF_ORIENTATION, 1) if "exif" in im.info else 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -36,8 +35,7 @@ def read_image(path: Path) -> np.ndarray:
             return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}; replace or remove the file "
-                        "(python -m denseclip.preflight --check-data full lists every such file)") from e
-
+                        "(python -m denseclip.data.preflight --check-data full lists every such file)") from e
 
 
 def read_label(path: Path, reduce_zero_label: bool, num_classes: int) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""The data options of train.py, eval.py and the pre-flight (`add_data_args`), and the datasets they name
-(`build_dataset`): procedural shapes, ADE20K, a user folder, or COCO-format detection data."""
+"""The data options of train.py, eval.py and the pre-flight (`add_data_args`), and the datasets they name:
+procedural shapes, ADE20K or a user folder (`segmentation_dataset`), procedural boxes or COCO-format files
+(`detection_dataset`). Which of the two a run builds is its task's choice (denseclip/run/tasks.py)."""
 import argparse
 import os
 from pathlib import Path
 
-from ..configs import DenseCLIPConfig, check_class_names, task_of
+from ..configs import check_class_names
 from ..errors import ConfigError, MissingFileError
 from . import transforms
 from .classes import ADE20K_CLASSES
@@ -50,7 +51,6 @@ def add_data_args(p: argparse.ArgumentParser):
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
 
 
-
 def class_names_arg(value: str) -> list:
     """--class-names: a text file (one name per line) or 'cat,dog,sky'. A value that looks like a path (a folder
     separator or a file extension, no comma) but names no file is a missing file, not a one-class list."""
@@ -61,7 +61,6 @@ def class_names_arg(value: str) -> list:
         raise MissingFileError(f"--class-names {value}: no such file (give a text file with one class name per "
                                "line, or the names themselves: 'cat,dog,sky')")
     return check_class_names(value.split(","))
-
 
 
 def split_files(args, split: str):
@@ -80,14 +79,12 @@ def split_files(args, split: str):
         args.reduce_zero_label
 
 
-
 def coco_files(args, split: str):
     """(image folder, annotation json) of the train or val split of --dataset coco: the --train-* / --val-*
     options, or COCO 2017's layout under --data-root (default data/coco)."""
     train, root = split == "train", Path(args.data_root or "data/coco")
     ann = (args.train_ann if train else args.val_ann) or root / "annotations" / f"instances_{split}2017.json"
     return Path((args.train_images if train else args.val_images) or root / f"{split}2017"), Path(ann)
-
 
 
 def dataset_class_names(args) -> list:
@@ -100,12 +97,10 @@ def dataset_class_names(args) -> list:
     return class_names_arg(args.class_names)
 
 
-
-def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
-    """The train or val dataset named by the data options; split is 'train' or 'val'."""
-    if args.model and task_of(args.model) == "detection":  # no model: zero-shot from CLIP weights (segmentation)
-        return build_detection_dataset(args, split, model_cfg)
-    crop, train = args.crop_size or model_cfg.input_resolution, split == "train"
+def segmentation_dataset(args, split: str, crop: int):
+    """The train or val segmentation dataset named by the data options (split 'train' or 'val'); crop: the training
+    crop side (procedural: the image side)."""
+    train = split == "train"
     n = None if train else args.val_size or None  # 0 or unset: all
     if args.dataset == "coco":
         raise ConfigError(f"--dataset coco is detection data; {args.model} is a segmentation model")
@@ -115,30 +110,27 @@ def build_dataset(args, split: str, model_cfg: DenseCLIPConfig):
         else transforms.TestTransform(scale=tuple(args.scale))
     if args.dataset == "ade20k":
         dataset = ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
-                              transform, seed=args.seed)
+                         transform, seed=args.seed)
     else:
         img_dir, ann_dir, img_suffix, seg_suffix, reduce_zero = split_files(args, split)
         dataset = FolderSegmentation(img_dir, ann_dir, dataset_class_names(args), transform, img_suffix,
-                                          seg_suffix, reduce_zero, seed=args.seed)
+                                     seg_suffix, reduce_zero, seed=args.seed)
     dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
     return dataset
 
 
-
-def build_detection_dataset(args, split: str, model_cfg):
-    """Detection data: procedural shapes with boxes (images the size of the model's min_size unless --crop-size),
-    or COCO-format files; Mask R-CNN's training data also gives instance masks; --val-size keeps the first N
-    validation images (COCOeval then scores only those)."""
+def detection_dataset(args, split: str, size: int, masks: bool):
+    """Detection data: procedural shapes with boxes (images `size` pixels square), or COCO-format files; masks:
+    give instance masks too (Mask R-CNN's training targets); --val-size keeps the first N validation images
+    (COCOeval then scores only those)."""
     train = split == "train"
     n = (args.train_size if train else args.val_size) or None
-    masks = train and model_cfg.detector == "maskrcnn"  # instance masks: Mask R-CNN's training targets
     if args.dataset == "procedural":
-        return ProceduralDetection(split, size=args.crop_size or model_cfg.min_size, length=n, seed=args.seed,
-                                        masks=masks)
+        return ProceduralDetection(split, size=size, length=n, seed=args.seed, masks=masks)
     n = None if train else n
     if args.dataset != "coco":
         raise ConfigError(f"--dataset {args.dataset} is segmentation data; {args.model} is a detector: use "
-                         "--dataset coco (COCO or a COCO-format json) or procedural")
+                          "--dataset coco (COCO or a COCO-format json) or procedural")
     images, ann = coco_files(args, split)
     dataset = CocoDetection(images, ann, train=train, seed=args.seed, masks=masks)
     dataset.ids = dataset.ids[:n]

@@ -37,14 +37,13 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from ..configs import task_of
 from ..errors import DataError, run_main
 from ..progress import progress
 from . import coco, image_io, segmentation
 from .options import add_data_args, coco_files, dataset_class_names, split_files
+from .image_io import IMAGE_SUFFIXES
 from .transforms import IGNORE_INDEX
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")  # single-channel modes Pillow opens PNGs in
 SHOW = 5  # offenders named per kind of problem (the count covers all)
 
@@ -268,38 +267,40 @@ def check_coco(args, min_train: int, splits, findings: Findings, pool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-OPTIONS = {"coco": "--data-root, --train-ann, --train-images, --val-ann, --val-images",
-           "segmentation": "--data-root, --img-suffix, --seg-suffix, --reduce-zero-label, --class-names"}
+OPTIONS = {check_coco: "--data-root, --train-ann, --train-images, --val-ann, --val-images",
+           check_segmentation: "--data-root, --img-suffix, --seg-suffix, --reduce-zero-label, --class-names"}
 
 
-def _run(args, min_train: int, splits) -> str:
+def _run(args, min_train: int, splits, check) -> str:
     t0 = time.time()
     if args.dataset == "procedural":
         return "data pre-flight: built-in procedural data, nothing to check"
-    model = getattr(args, "model", None)  # the standalone command has none
-    if model and (task_of(model) == "detection") != (args.dataset == "coco"):
-        return f"data pre-flight: skipped, {args.dataset} data does not suit {model}"  # build_dataset says why
-    task = "coco" if args.dataset == "coco" else "segmentation"
+    if check is None:  # the standalone command: the checks of the data named
+        check = check_coco if args.dataset == "coco" else check_segmentation
+    elif (check is check_coco) != (args.dataset == "coco"):
+        return f"data pre-flight: skipped, {args.dataset} data does not suit {args.model}"  # the dataset says why
     findings = Findings()
     with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
-        summary = (check_coco if task == "coco" else check_segmentation)(args, min_train, splits, findings, pool)
+        summary = check(args, min_train, splits, findings, pool)
     if findings:
         raise DataError(f"data pre-flight ({args.check_data}) found problems; fix the files or the data options "
-                        f"({OPTIONS[task]}; see data/README.md), nothing was trained:\n{findings.format()}")
+                        f"({OPTIONS[check]}; see data/README.md), nothing was trained:\n{findings.format()}")
     return f"data pre-flight ({args.check_data}): {summary} in {time.time() - t0:.1f} s"
 
 
-def check_data(args, min_train: int = 1, splits=("train", "val")) -> str:
+def check_data(args, min_train: int = 1, splits=("train", "val"), check=None) -> str:
     """Check the data options' dataset (see the module docstring); raise DataError listing every problem, or return
-    a one-line summary. min_train: samples one micro-batch needs (batch size x processes)."""
+    a one-line summary. min_train: samples one micro-batch needs (batch size x processes); check: the checks of the
+    model's task (check_segmentation or check_coco; data of the other kind is left to the dataset, which refuses
+    it), None: those of the data named (the standalone command)."""
     if args.check_data == "off":
         return "data pre-flight: off (--check-data off)"
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _run(args, min_train, splits)
+        return _run(args, min_train, splits, check)
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = (True, _run(args, min_train, splits))
+            box[0] = (True, _run(args, min_train, splits, check))
         except (DataError, FileNotFoundError, ValueError) as e:
             box[0] = (False, e)
     dist.broadcast_object_list(box, src=0)

@@ -1,28 +1,31 @@
-"""The training batch stream: endless, distributed, resumable from (epoch, samples seen) alone."""
+"""The training batch stream: endless, distributed, resumable from (epoch, samples seen) alone; and moving a batch
+to the device."""
 import numpy as np
 import torch
 
 
-# ----------------------------------------------------------------------------------- distributed data
 def collate_detection(batch):
     """[(image, target), ...] -> (list of images, list of targets): detection images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
 
 
-
 def to_device(batch, device: torch.device):
-    """Move a segmentation batch (two tensors) or a detection batch (two lists) to `device`."""
-    images, labels = batch
-    if isinstance(images, torch.Tensor):
-        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    return ([im.to(device, non_blocking=True) for im in images],
-            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in labels])
+    """Every tensor of a batch moved to `device`: a segmentation batch (two tensors) or a detection batch (a list
+    of images and a list of target dicts), or any nesting of tuples, lists and dicts of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(x, device) for x in batch)
+    return batch
 
 
-
-def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int):
-    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`.
+def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int, seen: int, workers: int,
+                  collate=None):
+    """Endless (epoch, seen, images, labels) for this rank, starting `seen` samples into `epoch`; collate: the
+    task's (None: torch's default, stacking into tensors).
 
     Epoch e is the permutation rng(seed, e) of the dataset, cut to whole global micro-batches; rank r takes
     positions r, r + world, ... (DistributedSampler's split), batch_size at a time. After k batches on every rank
@@ -40,13 +43,7 @@ def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, ep
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                              pin_memory=torch.cuda.is_available(),
                                              generator=torch.Generator().manual_seed(seed + epoch),
-                                             collate_fn=collate_detection if is_detection(dataset) else None)
+                                             collate_fn=collate)
         for k, (images, labels) in enumerate(loader, 1):
             yield epoch, seen + k * per_step, images, labels
         epoch, seen = epoch + 1, 0
-
-
-
-def is_detection(obj) -> bool:
-    """A detection dataset or model (their `task`); segmentation ones may not say."""
-    return getattr(obj, "task", "segmentation") == "detection"

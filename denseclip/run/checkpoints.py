@@ -1,5 +1,14 @@
-"""Run checkpoints (train.py's): every RNG state as plain data, atomic writes, the latest and pruning, and the
-arguments a checkpoint remembers."""
+"""Run checkpoints (train.py's): what one holds, atomic writes, the latest and pruning, resuming from one bit-exactly
+(weights, optimiser, scaler, data position and every RNG state of every rank), and the arguments and class names a
+checkpoint remembers for eval.py and demo.py.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with weights_only=True:
+    model, optimizer, scaler   state dicts (the unwrapped model: no DDP prefix)
+    iter                       optimiser steps done
+    data                       {"epoch", "seen"}: the batch stream's whole state (batches.train_batches)
+    rng                        one rng_state() per rank
+    args, class_names          train.py's options (vars(args)) and the training classes
+"""
 import os
 import pickle
 import random
@@ -7,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from ..checkpoint import is_torchscript, load_file
-from ..errors import MissingFileError
+from ..checkpoint import is_torchscript, load_checkpoint, load_file
+from ..errors import ConfigError, MissingFileError
+from .distributed import print0
 
 
-def saved_train_args(path: str) -> dict:
-    """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
+def saved_run(path: str) -> dict:
+    """The small part of one of our checkpoints (its "args" and "class_names"), read without the tensors; {} for
+    other files (official .pth, CLIP .pt)."""
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint {path}: no such file")
     try:  # mmap: only the small pickle is read here, not the tensors
@@ -22,11 +34,14 @@ def saved_train_args(path: str) -> dict:
         if is_torchscript(path):
             return {}  # an OpenAI CLIP archive: load_checkpoint reads it
         obj = load_file(path)  # a legacy-format file loads; a damaged or unsafe one raises, saying why
-    return obj.get("args", {}) if isinstance(obj, dict) else {}
+    return {k: obj[k] for k in ("args", "class_names") if k in obj} if isinstance(obj, dict) else {}
 
 
+def saved_train_args(path: str) -> dict:
+    """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
+    return saved_run(path).get("args", {})
 
-# ------------------------------------------------------------------------------------------ checkpoints
+
 def rng_state() -> dict:
     """Every RNG this process draws from, as plain data (weights_only loading accepts nothing else)."""
     np_state = np.random.get_state()
@@ -35,7 +50,6 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
 
 
 def set_rng_state(state: dict):
@@ -47,6 +61,57 @@ def set_rng_state(state: dict):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
+def gather_rng_states(world: int) -> list:
+    """rng_state() of every rank, on every rank (each rank's dropout stream, for an exact resume)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def seed_rng(states, rank: int, world: int, seed: int):
+    """This rank's RNGs: restored from a checkpoint's states when as many ranks saved them, else seeded with
+    seed + rank (the caller adds the iteration resumed at): dropout and drop path draw differently on each rank."""
+    if states is not None and len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        torch.manual_seed(seed + rank)
+        np.random.seed(seed + rank)
+        random.seed(seed + rank)
+
+
+def resume(path, model, optimizer, scaler, model_name: str, batch_size: int, world: int):
+    """Load a train.py checkpoint into the unwrapped model, the optimiser and the scaler; returns (iterations done,
+    epoch, samples seen, RNG states of every rank)."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "iter"} <= set(ckpt):
+        raise ConfigError(f"--resume {path} is not a train.py checkpoint (no optimizer / iteration state); "
+                          "to start from its weights use --pretrained")
+    if ckpt.get("args", {}).get("model", model_name) != model_name:
+        raise ConfigError(f"--resume {path} was trained with --model {ckpt['args']['model']}, this run is "
+                          f"--model {model_name}: pass --model {ckpt['args']['model']} or another --out-dir")
+    load_checkpoint(model, ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    start, epoch, seen = ckpt["iter"], ckpt["data"]["epoch"], ckpt["data"]["seen"]
+    if seen % (batch_size * world):
+        raise ConfigError(f"{path} stopped {seen} samples into an epoch: not a whole number of micro-batches "
+                          f"of {batch_size} x {world}")
+    print0(f"resumed from {path} at iteration {start} (epoch {epoch}, sample {seen})")
+    return start, epoch, seen, ckpt["rng"]
+
+
+def save_run(out_dir: Path, step: int, model, optimizer, scaler, data: dict, args, class_names, world: int):
+    """OUT_DIR/iter_{step:06d}.pt (the contents of the module docstring), then --keep's pruning. Every rank calls
+    it (the RNG states are gathered); rank 0 writes."""
+    rng = gather_rng_states(world)
+    if world == 1 or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "iter": step, "data": data, "rng": rng, "args": vars(args),
+                         "class_names": list(class_names)}, out_dir / f"iter_{step:06d}.pt")
+        prune_checkpoints(out_dir, args.keep)
+
 
 def save_checkpoint(obj: dict, path: Path):
     """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up."""
@@ -55,11 +120,9 @@ def save_checkpoint(obj: dict, path: Path):
     os.replace(tmp, path)
 
 
-
 def latest_checkpoint(out_dir: Path):
     paths = sorted(out_dir.glob("iter_*.pt"))  # a half-written iter_*.pt.tmp (killed mid-save) never matches
     return paths[-1] if paths else None
-
 
 
 def prune_checkpoints(out_dir: Path, keep: int):

@@ -1,5 +1,5 @@
-"""Distributed set-up the plain way (torchrun's RANK / WORLD_SIZE / LOCAL_RANK), rank-0 printing, and
-synchronised BatchNorm on CPU, shared by train.py, eval.py and demo scripts.
+"""Distributed set-up the plain way (torchrun's RANK / WORLD_SIZE / LOCAL_RANK), rank-0 printing, synchronised
+BatchNorm on CPU and the DDP wrapper of the training step; shared by train.py and eval.py.
 
 NCCL on GPUs, gloo on CPU, so two CPU processes run in CI. SyncBN only when world size > 1 (the official code
 forced it and crashed on one GPU, issue #24). PyTorch's nn.SyncBatchNorm refuses CPU tensors, hence
@@ -10,8 +10,10 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
+from ..language import text_once_parameters
 
 
 def init_distributed(device: str = None):
@@ -33,6 +35,30 @@ def init_distributed(device: str = None):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DistributedDataParallel around `model`, with the text-once parameters (the learnable contexts; the text
+    encoder's too when it is not frozen) left out of its reducer.
+
+    The text encoder runs once per optimiser step, not once per micro-batch (language.text_once_per_step): its
+    backward happens when that context exits, after the micro-batches' backward passes and outside DDP, so DDP's
+    hooks would wait for these gradients in vain; text_once_per_step(all_reduce=True) averages them over the ranks
+    itself. No public API leaves parameters out of the reducer alone: the constructor's delay_all_reduce_named_params
+    does, but then all-reduces them itself from a hook on some parameter's gradient, during the micro-batches' backward,
+    before text_once_per_step has backpropagated into them (too early, and a second time); and turning their
+    requires_grad off while DDP is constructed relies on when DDP reads the flag. So this is the private
+    `_set_params_and_buffers_to_ignore_for_model`, which PyTorch marks a workaround until that API is settled
+    (pytorch/pytorch#43690)."""
+    text = {id(p) for p in text_once_parameters(model)}
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, p in model.named_parameters() if id(p) in text])
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (torchvision's model_without_ddp): what is evaluated and saved."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def print0(*args, **kwargs):
