@@ -14,15 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from denseclip.data.procedural import SHAPE_CLASSES  # noqa: E402
 from denseclip import build_model, language  # noqa: E402
+from denseclip.run.distributed import wrap_ddp  # noqa: E402
 
 
 def step_grads(text_once: bool, rank: int):
     torch.manual_seed(0)  # the same weights on both ranks and in both modes
     model = build_model("denseclip_tiny", SHAPE_CLASSES, head_dropout=0.0, decoder_dropout=0.0).train()
-    if text_once:
-        ignore = [n for n, p in model.named_parameters() if any(p is q for q in language.text_once_parameters(model))]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    ddp = DistributedDataParallel(model)
+    # text once: the text parameters outside DDP's reducer, as train.py does it (run/distributed.wrap_ddp)
+    ddp = wrap_ddp(model, torch.device("cpu")) if text_once else DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
     with language.text_once_per_step(model, all_reduce=True) if text_once else contextlib.nullcontext():
         for micro in range(2):
