@@ -68,7 +68,7 @@ class FolderSegmentation(torch.utils.data.Dataset):
         if no_label:
             raise MissingFileError(f"{len(no_label)} image(s) without an annotation in {self.ann_dir}, e.g. "
                                    f"{no_label[0]} (expected its label {self.ann_dir}/<same stem>{seg_suffix}); "
-                                   "python -m denseclip.preflight lists them all")
+                                   "python -m denseclip.data.preflight lists them all")
         if not self.samples:
             raise MissingFileError(f"no '*{img_suffix}' images found under {self.img_dir}; "
                                    "see data/README.md for the expected layout")
