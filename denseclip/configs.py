@@ -207,6 +207,7 @@ def retinanet_denseclip_tiny():
 def retinanet_tiny():
     return _baseline(retinanet_denseclip_tiny())
 
+
 def _maskrcnn(cfg):
     # mmdet's mask_rcnn_r50_fpn: FPN P2..P6 (P6 by stride-2 max pool), RPN anchors 8 x stride over strides
     # 4..64 (32..512 px), 3 ratios, assigned at IoU 0.7 / 0.3.
