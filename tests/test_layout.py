@@ -143,3 +143,15 @@ def test_files_and_functions_fit_on_a_few_screens():
                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long_files and not long_functions, "\n".join(long_files + long_functions)
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists every package folder: a plain (non-editable) `pip install .` would silently leave out one
+    that it does not name."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = {name.strip() for name in cfg["options"]["packages"].split(",")}
+    folders = {module_name(init) for init in (ROOT / "denseclip").rglob("__init__.py")}
+    assert listed == folders
