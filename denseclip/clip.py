@@ -96,9 +96,9 @@ class SelfAttention(nn.Module):
         [prefix; suffix], with each prefix's keys and values computed once instead of K times."""
         N, C = x.shape
         h, S = self.heads, (N - G * P) // (G * K)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3C)
-        q_p, k_p, v_p = qkv[:G * P].view(G, P, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G, h, P, C/h)
-        q_s, k_s, v_s = qkv[G * P:].view(G * K, S, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G*K, h, S, C/h)
+        pre, suf = F.linear(x, self.in_proj_weight, self.in_proj_bias).split([G * P, G * K * S])  # (N, 3C) split
+        q_p, k_p, v_p = pre.view(G, P, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G, h, P, C/h)
+        q_s, k_s, v_s = suf.view(G * K, S, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G*K, h, S, C/h)
         out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (G, h, P, C/h)
         k_s, v_s = (torch.cat([t[:, None].expand(G, K, h, P, C // h), u.unflatten(0, (G, K))], dim=3).flatten(0, 1)
                     for t, u in ((k_p, k_s), (v_p, v_s)))  # 2 x (G*K, h, P+S, C/h): the prefix's, then its own
