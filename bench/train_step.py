@@ -167,7 +167,8 @@ def text_rows(args, device, peak):
     for _ in range(args.iters):
         for c in cases:
             times[c].append(timed(fwd_bwd(*c), device, 1, 0))
-    print(f"{'text encoder forward + backward to the contexts':50s} {'s/call':>9s} {'speed-up':>9s} {'of peak':>7s}")
+    print(f"{'text encoder forward + backward to the contexts':50s} {'s/call':>9s} {'speed-up':>9s} {'of peak':>7s}"
+          f"  {'rounds min-max':>14s}")
     rows = []
     for amp in (False, True):
         plain = sorted(times[amp, False])[len(times[amp, False]) // 2]
@@ -175,7 +176,8 @@ def text_rows(args, device, peak):
             t = sorted(times[amp, share])[len(times[amp, share]) // 2]
             frac = 2 * macs[share] / t / peak[torch.bfloat16 if amp else None]
             label = f"{'bf16 autocast' if amp else 'fp32'}, {'shared prefix' if share else 'plain'}"
-            print(f"{label:50s} {t:9.3f} {plain / t:8.2f}x {100 * frac:6.1f}%", flush=True)
+            spread = f"{min(times[amp, share]):.3f}-{max(times[amp, share]):.3f}"
+            print(f"{label:50s} {t:9.3f} {plain / t:8.2f}x {100 * frac:6.1f}%  {spread:>14s}", flush=True)
             rows.append({"row": f"text {label}", "s": t, "ratio": plain / t, "frac": frac, "all_s": times[amp, share]})
     return rows
 
