@@ -3,11 +3,14 @@ fraction of the machine's measured matmul peak that the RN50 train step and eval
 
     python bench/train_step.py                              # CPU: RN50 at 512, batch 1
     python bench/train_step.py --device cuda --batch-size 4 --memory-size 0   # a GPU, official sizes
+    python bench/train_step.py --only-text --threads 1 --iters 5              # text encoder: shared prefix
 
 Rows (each a train step = forward + backward + AdamW step, fp32 unless named):
   bf16 autocast; channels_last (model and input); AdamW for-loop / foreach / fused; torch.compile(model);
   --checkpoint-activations; 4 accumulation steps with the text encoder once per optimiser step against once per
   micro-batch (the previous behaviour); evaluation (whole image, text features cached) in fp32 and bf16.
+--only-text: the text encoder's forward + backward to the contexts (150 classes), plain path against the shared
+  prompt prefix, fp32 and bf16, interleaved.
 Memory: peak with and without activation checkpointing for RN101 and ViT-B (train step, --memory-batch images):
 torch.cuda.max_memory_allocated on GPU, on CPU the peak RSS of a fresh process per case (Python and torch
 included, so differences matter, not absolutes).
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: E402
 from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
 from denseclip import build_model, language  # noqa: E402
+from denseclip.clip import TextEncoder  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402
@@ -125,6 +129,59 @@ def peak_memory_child(args):
     print(json.dumps({"mib": mib}))
 
 
+def text_rows(args, device, peak):
+    """The frozen text encoder's forward + backward to the contexts for the 150 classes, plain path (G*K whole
+    sequences) against the shared prompt prefix (TextEncoder.share_prefix), fp32 and bf16 autocast. The four
+    cases are timed in turn, one call each per round, so a change in the machine's load hits all of them; the
+    median of the rounds is reported."""
+    import complexity  # fvcore, imported only here
+    from denseclip.configs import CONFIGS
+    cfg = CONFIGS[args.config]()
+    torch.manual_seed(0)
+    enc = TextEncoder(cfg.class_token_length + cfg.num_contexts, cfg.vocab_size, cfg.text_width, cfg.text_heads,
+                      cfg.text_layers, cfg.embed_dim).to(device).requires_grad_(False)
+    texts = language.tokenize_class_names(NAMES, cfg.class_token_length, False).to(device)  # (K, 5)
+    ctx = torch.randn(1, cfg.num_contexts, cfg.text_width, device=device, requires_grad=True)  # (1, M, C)
+    w = torch.randn(1, len(NAMES), cfg.embed_dim, device=device)  # a fixed upstream gradient (1, K, D)
+    macs = {}
+    for share in (False, True):
+        enc.share_prefix = share
+        macs[share] = complexity.flop_analysis(enc, (texts, ctx)).total()
+    print(f"text encoder ({cfg.text_width} wide, {cfg.text_layers} layers, {cfg.text_heads} heads, "
+          f"{cfg.class_token_length + cfg.num_contexts} tokens), {len(NAMES)} classes, forward multiply-adds: "
+          f"plain {macs[False] / 1e9:.1f} G, shared prefix {macs[True] / 1e9:.1f} G", flush=True)
+
+    def fwd_bwd(amp, share):
+        def call():
+            enc.share_prefix = share
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = enc(texts, ctx)  # (1, K, D)
+            out.backward(w.to(out.dtype))
+            ctx.grad = None
+        return call
+
+    cases = [(amp, share) for amp in (False, True) for share in (False, True)]
+    times = {c: [] for c in cases}
+    for c in cases * args.warmup:
+        fwd_bwd(*c)()
+    for _ in range(args.iters):
+        for c in cases:
+            times[c].append(timed(fwd_bwd(*c), device, 1, 0))
+    print(f"{'text encoder forward + backward to the contexts':50s} {'s/call':>9s} {'speed-up':>9s} {'of peak':>7s}"
+          f"  {'rounds min-max':>14s}")
+    rows = []
+    for amp in (False, True):
+        plain = sorted(times[amp, False])[len(times[amp, False]) // 2]
+        for share in (False, True):
+            t = sorted(times[amp, share])[len(times[amp, share]) // 2]
+            frac = 2 * macs[share] / t / peak[torch.bfloat16 if amp else None]
+            label = f"{'bf16 autocast' if amp else 'fp32'}, {'shared prefix' if share else 'plain'}"
+            spread = f"{min(times[amp, share]):.3f}-{max(times[amp, share]):.3f}"
+            print(f"{label:50s} {t:9.3f} {plain / t:8.2f}x {100 * frac:6.1f}%  {spread:>14s}", flush=True)
+            rows.append({"row": f"text {label}", "s": t, "ratio": plain / t, "frac": frac, "all_s": times[amp, share]})
+    return rows
+
+
 def eval_rows(args, device, B, f_img, row):
     """Whole-image evaluation in fp32 and bf16, text features cached."""
     model, x, _ = make(args.config, device, B, args.size)
@@ -147,6 +204,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow to compile on CPU)")
     p.add_argument("--only-eval", action="store_true", help="only the two evaluation rows")
+    p.add_argument("--only-text", action="store_true",
+                   help="only the text encoder's forward + backward, plain against the shared prompt prefix")
     p.add_argument("--only-accumulation", action="store_true",
                    help="only the baseline and the two 4-accumulation-step rows (text once per step or not)")
     p.add_argument("--memory-configs", nargs="*", default=["denseclip_r101", "denseclip_vitb16"])
@@ -173,6 +232,8 @@ def main(argv=None):
     peak = {None: matmul_peak(device, torch.float32, n), torch.bfloat16: matmul_peak(device, torch.bfloat16, n)}
     print(f"matmul peak (best of {n // 2}^2, {n}^2, {2 * n}^2): fp32 {peak[None] / 1e12:.3f} T multiply-adds/s, "
           f"bf16 {peak[torch.bfloat16] / 1e12:.3f} T", flush=True)
+    if args.only_text:
+        return text_rows(args, device, peak)
     f_img, f_txt = flops(args.config, args.size)
     B = args.batch_size
     print(f"FLOPs (multiply-adds): image path {f_img / 1e9:.1f} G per image, frozen text encoder {f_txt / 1e9:.1f} G "

@@ -13,7 +13,9 @@ resnet.py; reading OpenAI's `.pt` files (`load_clip`) is in checkpoint.py. What 
   with its attention replaced by the value path, x + out_proj(v_proj(ln_1(x))), then that block's MLP, ln_post and
   proj. z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it (zeroshot.py).
 - `TextEncoder` accepts learnable context vectors inserted right after the start token (CoOp),
-  and truncates its positional embedding to the sequence it is given.
+  and truncates its positional embedding to the sequence it is given. With contexts, the prompt prefix shared by
+  all class names ([SOT, contexts]: causal, so its hidden states are the same for every name) runs once, and the
+  names attend to its keys and values (same result, about 3x fewer token positions for 150 classes).
 
 Shape letters: B batch, C channels, H W feature grid, N = H*W visual tokens, K classes (texts),
 L text length, M learnable context tokens, D joint embedding dimension.
@@ -87,6 +89,24 @@ class SelfAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, L, C/h)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, C))
 
+    def forward_shared_prefix(self, x, G: int, P: int, K: int):
+        """Causal attention of G prefixes of P tokens, each shared by K suffixes of S tokens, on the tokens laid out
+        flat: x (G*P + G*K*S, C), the prefixes first. A prefix attends causally to itself (it sees no suffix); a
+        suffix to its whole prefix and causally to itself: the plain causal attention of the G*K sequences
+        [prefix; suffix], with each prefix's keys and values computed once instead of K times."""
+        N, C = x.shape
+        h, S = self.heads, (N - G * P) // (G * K)
+        pre, suf = F.linear(x, self.in_proj_weight, self.in_proj_bias).split([G * P, G * K * S])  # (N, 3C) split
+        q_p, k_p, v_p = pre.view(G, P, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G, h, P, C/h)
+        q_s, k_s, v_s = suf.view(G * K, S, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G*K, h, S, C/h)
+        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (G, h, P, C/h)
+        k_s, v_s = (torch.cat([t[:, None].expand(G, K, h, P, C // h), u.unflatten(0, (G, K))], dim=3).flatten(0, 1)
+                    for t, u in ((k_p, k_s), (v_p, v_s)))  # 2 x (G*K, h, P+S, C/h): the prefix's, then its own
+        mask = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(P)  # (S, P+S): suffix i sees j <= P+i
+        out_s = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask)  # (G*K, h, S, C/h)
+        out = torch.cat([out_p.transpose(1, 2).reshape(G * P, C), out_s.transpose(1, 2).reshape(G * K * S, C)])
+        return self.out_proj(out)  # (N, C)
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block with CLIP's names (ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj)."""
@@ -106,6 +126,13 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, causal: bool = False):
         x = x + drop_path(self.attn(self.ln_1(x), causal), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
+
+    def forward_shared_prefix(self, x, G: int, P: int, K: int):
+        """The block on the flat shared-prefix layout of SelfAttention.forward_shared_prefix, x (N, C). Only for
+        blocks without drop path (CLIP's text encoder has none, nor dropout): drop path draws per sequence."""
+        assert self.drop_path == 0.0 or not self.training, "drop path needs one sequence per row"
+        x = x + self.attn.forward_shared_prefix(self.ln_1(x), G, P, K)
+        return x + self.mlp(self.ln_2(x))
 
     def forward_values(self, x):
         """MaskCLIP's last block: attention replaced by its value path, x + out_proj(v_proj(ln_1(x))), then the MLP."""
@@ -216,6 +243,8 @@ class TextEncoder(nn.Module):
     Contexts go right after the start token: [SOT, ctx_1..ctx_M, name tokens, EOT, pad]; the
     end-of-text index (the largest id, as in CLIP) shifts by M. The sequence must fit the positional
     embedding, which is used up to the sequence length (77 in CLIP, 13 = 5 + 8 in DenseCLIP).
+    With contexts, the prefix [SOT, ctx_1..ctx_M] that all K names share runs once per context group
+    (`_forward_shared_prefix`; `share_prefix = False` runs the plain path, G*K whole sequences, instead).
     """
 
     def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 512,
@@ -227,6 +256,7 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(width, layers, heads)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.share_prefix = True  # with contexts, run the shared prompt prefix once (False: the plain reference path)
         self.init_weights()
 
     def init_weights(self):
@@ -246,20 +276,41 @@ class TextEncoder(nn.Module):
         K = text.shape[0]
         x = self.token_embedding(text)  # (K, L_t, width)
         eot = text.argmax(dim=-1)  # (K,)
-        G = 1
+        G, L = 1, text.shape[1] + (0 if contexts is None else contexts.shape[1])
+        if L > self.positional_embedding.shape[0]:
+            raise ValueError(f"text of {L} tokens does not fit the {self.positional_embedding.shape[0]} positions")
         if contexts is not None:
+            # one start token for all names, and every EOT after it (always so for tokenized text)
+            if self.share_prefix and bool(((text[:, 0] == text[0, 0]) & (eot > 0)).all()):
+                return self._forward_shared_prefix(x, eot, contexts)
             G, M, C = contexts.shape
             x = x.unsqueeze(0).expand(G, -1, -1, -1)  # (G, K, L_t, C)
             ctx = contexts.to(x.dtype).unsqueeze(1).expand(-1, K, -1, -1)  # (G, K, M, C)
             x = torch.cat([x[:, :, :1], ctx, x[:, :, 1:]], dim=2).flatten(0, 1)  # (G*K, L, C)
             eot = (eot + M).repeat(G)  # (G*K,)
-        L = x.shape[1]
-        if L > self.positional_embedding.shape[0]:
-            raise ValueError(f"text of {L} tokens does not fit the {self.positional_embedding.shape[0]} positions")
         x = x + self.positional_embedding[:L].to(x.dtype)
         x = self.ln_final(self.transformer(x, causal=True))  # (G*K, L, C)
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (G*K, D)
         return x if contexts is None else x.view(G, K, -1)
+
+    def _forward_shared_prefix(self, x, eot, contexts):
+        """The forward with contexts, computing the shared prefix [SOT, ctx_1..ctx_M] once per context group.
+
+        The encoder is causal, so the P = 1 + M prefix positions have the same hidden states for all K class
+        names: they run as G sequences, and the K name suffixes attend to their prefix's keys and values
+        (SelfAttention.forward_shared_prefix). The suffixes stop at the latest end-of-text token: positions after
+        it reach no EOT output. G*P + G*K*S token positions instead of G*K*(P + L_t - 1); the same computation as
+        the plain path up to float rounding (tests/test_prefix_sharing.py)."""
+        K, G, M, C = x.shape[0], *contexts.shape
+        P, S = 1 + M, int(eot.max())  # S: the name tokens up to the last EOT (x's positions 1..S)
+        pos = self.positional_embedding[:P + S].to(x.dtype)  # (P+S, C)
+        prefix = torch.cat([x[:1, :1].expand(G, 1, C), contexts.to(x.dtype)], dim=1) + pos[:P]  # (G, P, C)
+        suffix = (x[:, 1:S + 1] + pos[P:]).expand(G, K, S, C)  # (G, K, S, C)
+        x = torch.cat([prefix.reshape(G * P, C), suffix.reshape(G * K * S, C)])  # (G*P + G*K*S, C)
+        for block in self.transformer.resblocks:
+            x = block.forward_shared_prefix(x, G, P, K)
+        x = x[G * P:].view(G, K, S, C)[:, torch.arange(K, device=x.device), eot - 1]  # (G, K, C): the EOT tokens
+        return self.ln_final(x) @ self.text_projection  # (G, K, D)
 
 
 # ----------------------------------------------------------------------------- CLIP

@@ -87,6 +87,7 @@ SMOKE = {
     "python bench/loader.py": ["--samples", "1", "--rounds", "1"],
     "python bench/train_step.py": ["--config", "denseclip_tiny", "--size", "64", "--iters", "1", "--warmup", "0",
                                    "--no-compile", "--memory-configs"],
+    "python bench/train_step.py --only-text": ["--config", "denseclip_tiny", "--iters", "1", "--warmup", "0"],
     # data/README.md
     "python -m denseclip.data.preflight --dataset ade20k": [],
     "python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
