@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .precision import at_least_fp32
 
 
 def resize(x, size):
@@ -28,9 +29,9 @@ def slide_inference(forward: Callable, images: torch.Tensor, crop: int, stride: 
             y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
             boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
     crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n*B, 3, h, w)
-    logits = forward(crops).float().split(B)  # n x (B, K, h, w)
-    out = images.new_zeros((B, logits[0].shape[1], H, W), dtype=torch.float32)
-    count = images.new_zeros((1, 1, H, W), dtype=torch.float32)
+    logits = at_least_fp32(forward(crops)).split(B)  # n x (B, K, h, w)
+    out = logits[0].new_zeros((B, logits[0].shape[1], H, W))
+    count = logits[0].new_zeros((1, 1, H, W))
     for (y1, y2, x1, x2), lg in zip(boxes, logits):
         out[:, :, y1:y2, x1:x2] += lg
         count[:, :, y1:y2, x1:x2] += 1
@@ -51,7 +52,7 @@ def predict(forward: Callable, images: torch.Tensor, mode: str, crop: int, strid
         x = images if r == 1 else F.interpolate(images, scale_factor=r, mode="bilinear", align_corners=False)
         for flipped in (False, True) if flip else (False,):
             xi = x.flip(-1) if flipped else x
-            logits = slide_inference(forward, xi, crop, stride) if mode == "slide" else forward(xi).float()
+            logits = slide_inference(forward, xi, crop, stride) if mode == "slide" else at_least_fp32(forward(xi))
             p = resize(logits, out_size).softmax(dim=1)
             probs = probs + (p.flip(-1) if flipped else p)
     return probs / (len(ratios) * (2 if flip else 1))

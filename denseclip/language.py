@@ -18,7 +18,7 @@ non-persistent buffer `texts`), so official checkpoints load without renaming. D
 - a class name longer than the token budget is a clear error naming it (official: a crash);
 - under gradient accumulation the text encoder can run once per optimiser step instead of once per micro-batch
   (`text_once_per_step`): its output depends on the contexts, not on the images;
-- the score map is normalised and computed in fp32 also under autocast (s / τ reaches 1 / 0.07 ≈ 14, where bf16
+- the score map is normalised and computed in at least fp32 also under autocast (s / τ reaches 1 / 0.07 ≈ 14, where bf16
   steps by 0.06, and the auxiliary loss reads it directly);
 - any class names can be scored through the same contexts, text encoder and context decoder (open vocabulary).
 Shape letters: B batch, K classes, D joint dim, h w = the dense feature grid, M learnable contexts.
@@ -33,6 +33,7 @@ from torch import nn
 
 from .clip import TextEncoder
 from .configs import check_class_names
+from .precision import wide_dtype
 from .prompting import ContextDecoder, PreModelPrompter
 from .tokenizer import tokenize
 
@@ -149,8 +150,7 @@ def class_text_features(model: nn.Module, names: Optional[Sequence[str]] = None)
         if step["leaf"] is None:
             step["text"] = model.text_encoder(model.texts, model.contexts)  # (1, K, D), with its graph
             # At least fp32: the leaf's gradient sums the micro-batches' in fp32 even when the text ran in bf16.
-            dtype = torch.promote_types(step["text"].dtype, torch.float32)
-            step["leaf"] = step["text"].detach().to(dtype).requires_grad_()
+            step["leaf"] = step["text"].detach().to(wide_dtype(step["text"].dtype)).requires_grad_()
         return step["leaf"].to(step["text"].dtype)
     text = model.text_encoder(model.texts, model.contexts)  # (1, K, D)
     if not model.training and not torch.is_grad_enabled():
@@ -177,10 +177,11 @@ def context_aware_text(model: nn.Module, z_global: torch.Tensor, z_dense: torch.
 
 def score_map(z_dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """The pixel-text score map s = ẑ t̂ᵀ (B, K, h, w) of z (B, D, h, w) and t (B, K, D) (Sec. 3.2): cosines, not
-    divided by τ. In fp32 under autocast too (module docstring)."""
+    divided by τ. In at least fp32 under autocast too (module docstring); a float64 model's in float64."""
+    dtype = wide_dtype(z_dense.dtype, text.dtype)
     with torch.autocast(z_dense.device.type, enabled=False):
-        return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense.float(), dim=1),
-                            F.normalize(text.float(), dim=2))  # (B, K, h, w)
+        return torch.einsum("bdhw,bkd->bkhw", F.normalize(z_dense.to(dtype), dim=1),
+                            F.normalize(text.to(dtype), dim=2))  # (B, K, h, w)
 
 
 # --- what the running layer does with the text side of a model

@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .fpn import FPN
 from .heads import FPNHead
 from .inference import resize
+from .precision import at_least_fp32
 from .resnet import AttentionPool2d, ModifiedResNet
 
 
@@ -89,7 +90,7 @@ def pad_to_patches(images: torch.Tensor, patch: int, training: bool) -> torch.Te
 def seg_cross_entropy(logits, labels, ignore_index: int):
     """Pixel CE, averaged over ALL pixels with ignored ones counting zero: mmseg 0.19's behaviour
     (the official numbers were trained with it), not PyTorch's mean over non-ignored pixels."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
+    return F.cross_entropy(at_least_fp32(logits), labels, ignore_index=ignore_index, reduction="none").mean()
 
 
 class DenseCLIP(nn.Module):

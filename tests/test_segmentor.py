@@ -72,6 +72,19 @@ def test_text_features_cached_in_eval_only(tiny):
     hook.remove()
 
 
+def official_score_map(z_dense, text):
+    """The official score map (DenseCLIP.compute_score_map's einsum, as a broadcast sum here): cosines of the
+    L2-normalised z (B, D, h, w) and t (B, K, D) -> (B, K, h, w)."""
+    return (F.normalize(z_dense, dim=1)[:, None] * F.normalize(text, dim=2)[..., None, None]).sum(2)
+
+
+def mmseg_cross_entropy(logits, labels, ignore_index=255):
+    """mmseg 0.19's CrossEntropyLoss on (B, K, H, W) logits, written out: the per-pixel NLL, ignored pixels counting
+    zero, averaged over all B x H x W pixels."""
+    nll = -logits.log_softmax(1).gather(1, labels.clamp(max=logits.shape[1] - 1)[:, None])[:, 0]  # (B, H, W)
+    return (nll * (labels != ignore_index)).sum() / labels.numel()
+
+
 def test_gamma_and_score_map_definition(tiny):
     """s = <z/|z|, t/|t|> with t = t0 + γ·Δt, computed by hand from the parts."""
     tiny.eval()
@@ -80,7 +93,7 @@ def test_gamma_and_score_map_definition(tiny):
         t0 = tiny.text_encoder(tiny.texts, tiny.contexts).expand(2, -1, -1)
         visual = torch.cat([zg[:, None], zd.flatten(2).transpose(1, 2)], 1)
         t = t0 + tiny.gamma * tiny.context_decoder(t0, visual)
-        ref = (F.normalize(zd, dim=1)[:, None] * F.normalize(t, dim=2)[..., None, None]).sum(2)
+        ref = official_score_map(zd, t)
         assert torch.allclose(language.score_map(zd, language.context_aware_text(tiny, zg, zd)), ref, atol=1e-5)
     assert torch.allclose(tiny.gamma, torch.full_like(tiny.gamma, 1e-4))
 
@@ -114,9 +127,7 @@ def test_loss_averages_over_all_pixels_like_mmseg():
     logits = torch.randn(1, 3, 4, 4)
     labels = torch.randint(0, 3, (1, 4, 4))
     labels[0, 0] = 255
-    per_pixel = -logits.log_softmax(1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
-    expected = (per_pixel * (labels != 255)).sum() / labels.numel()
-    assert torch.allclose(seg_cross_entropy(logits, labels, 255), expected)
+    assert torch.allclose(seg_cross_entropy(logits, labels, 255), mmseg_cross_entropy(logits, labels))
 
 
 def test_slide_equals_whole_when_crop_covers_image(tiny):

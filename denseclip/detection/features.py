@@ -16,6 +16,7 @@ from torch import nn
 from .. import language
 from ..configs import DetectionConfig, check_config
 from ..fpn import FPN
+from ..precision import at_least_fp32
 from ..resnet import ModifiedResNet
 
 AUX_STRIDE = 4  # the aux targets live on the stage-1 grid (official build_seg_target: H // 4, boxes / 4)
@@ -93,8 +94,8 @@ def box_seg_loss(score: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     """The official compute_seg_loss: BCE of the score map s / τ (B, K, h', w'), bilinearly upsampled to the
     targets' grid, summed over covered cells of every class and divided by K x covered cells. Logits form (the
     official sigmoid-then-BCE loses precision in fp16 and for large scores); 0 when no cell is covered."""
-    logits = F.interpolate(score.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-    weight = mask.expand_as(target)  # (B, K, h, w)
+    logits = F.interpolate(at_least_fp32(score), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    target, weight = target.to(logits.dtype), mask.expand_as(target).to(logits.dtype)  # (B, K, h, w)
     loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
     return loss / weight.sum().clamp(min=1)
 

@@ -25,11 +25,12 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from ..clip import CLIP_MEAN, CLIP_STD
 from ..configs import DetectionConfig
+from ..precision import wide_dtype
 from .anchors import MMDetAnchorGenerator
 from .features import add_text_and_neck, aux_losses, clip_backbone, extract_feat, transform
 
@@ -65,6 +66,16 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
             if len(idx):
                 out[idx] = roi_align(f, rois[idx], (S, S), 1 / stride, self.sampling_ratio, aligned=True).to(out.dtype)
         return out
+
+
+class PromotingRPN(RegionProposalNetwork):
+    """torchvision's RPN with its objectness labels in the logits' dtype, at least fp32. torchvision makes them fp32,
+    and a BCE of float64 logits against fp32 labels runs in fp32: the one loss of a float64 model that would not be
+    float64. Under autocast and in fp32 nothing changes (0 / 1 labels are exact)."""
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        labels = [lb.to(wide_dtype(objectness.dtype)) for lb in labels]
+        return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
 
 
 class DenseCLIPMaskRCNN(MaskRCNN):
@@ -106,6 +117,7 @@ class DenseCLIPMaskRCNN(MaskRCNN):
             mask_head=MaskRCNNHeads(C, [cfg.mask_conv_channels] * 4, 1),  # 4 3x3 convs, dilation 1
             mask_predictor=MaskRCNNPredictor(cfg.mask_conv_channels, cfg.mask_conv_channels, K + 1))
         add_text_and_neck(self, cfg, class_names)  # cfg, language side, mmdet's FPN on C2..C5 + s / τ
+        self.rpn.__class__ = PromotingRPN  # torchvision builds its RPN itself; only compute_loss differs
         for conv in self.rpn.head.modules():  # mmdet's RPNHead init: normal(0, 0.01), zero bias (torchvision: same)
             if isinstance(conv, nn.Conv2d):
                 nn.init.normal_(conv.weight, std=0.01)

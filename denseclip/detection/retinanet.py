@@ -25,6 +25,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 
 from ..clip import CLIP_MEAN, CLIP_STD
 from ..configs import DetectionConfig
+from ..precision import at_least_fp32
 from .anchors import MMDetAnchorGenerator
 from .features import add_text_and_neck, aux_losses, clip_backbone, extract_feat, transform
 
@@ -59,8 +60,9 @@ class DenseCLIPRetinaNet(RetinaNet):
         images, targets, original_sizes = transform(self, images, targets)
         feats, score = extract_feat(self, images.tensors)  # P3..P7, s / τ (B, K, h, w)
         head_outputs = self.head(feats)  # cls_logits (B, sum h*w*A, K), bbox_regression (B, sum h*w*A, 4)
-        # losses and box decoding in fp32 under autocast, as mmdet's force_fp32 (bf16 boxes would be 4-8 px coarse)
-        head_outputs = {k: v.float() for k, v in head_outputs.items()}
+        # losses and box decoding in at least fp32 under autocast, as mmdet's force_fp32 (bf16 boxes would be 4-8 px
+        # coarse), but promoted: a float64 model decodes in float64
+        head_outputs = {k: at_least_fp32(v) for k, v in head_outputs.items()}
         anchors = self.anchor_generator(images, feats)
         if self.training:
             tv = self.compute_loss(targets, head_outputs, anchors)

@@ -10,6 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from ..data.coco import quiet_coco
+from ..precision import at_least_fp32
 
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval
@@ -31,9 +32,9 @@ class CocoEvaluator:
         """det: a detector output for one image: boxes (n, 4) xyxy, scores (n,), labels (n,) in 0..K-1, and for
         Mask R-CNN masks uint8 (n, H, W) at the image's original size (then scored with the box's score, as
         mmdet's segm results)."""
-        boxes = det["boxes"].detach().float().cpu()
+        boxes = at_least_fp32(det["boxes"].detach().cpu())
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # (n, 4)
-        scores, labels = det["scores"].detach().float().cpu().tolist(), det["labels"].tolist()
+        scores, labels = at_least_fp32(det["scores"].detach().cpu()).tolist(), det["labels"].tolist()
         results = [{"image_id": image_id, "category_id": self.cat_ids[label], "bbox": box, "score": score}
                    for box, score, label in zip(xywh.tolist(), scores, labels)]
         segm = []

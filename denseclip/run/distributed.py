@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..language import text_once_parameters
+from ..precision import at_least_fp32
 
 
 def init_distributed(device: str = None):
@@ -109,7 +110,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input):
         if not self.training:
             return super().forward(input)
-        x = input.float()  # statistics in fp32, also under autocast
+        x = at_least_fp32(input)  # statistics in at least fp32, also under autocast
         dims = [d for d in range(x.dim()) if d != 1]  # all but channels
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1])))

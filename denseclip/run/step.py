@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, TrainingError
+from ..precision import at_least_fp32
 from .checkpoints import latest_checkpoint
 
 
@@ -22,7 +23,7 @@ def autocast(device: torch.device, amp: str):
 def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
     """Raise TrainingError, on every rank together, when a loss term of this step is NaN or infinite. Called before
     the optimiser step, so no weight has been touched and the latest checkpoint is the last good one."""
-    bad = (~torch.isfinite(torch.stack([v.float() for v in losses.values()]))).any().float()
+    bad = (~torch.isfinite(torch.stack([at_least_fp32(v) for v in losses.values()]))).any().float()
     if world > 1:
         dist.all_reduce(bad)  # one rank's NaN stops them all (the others would wait for it forever)
     if bad.item():
