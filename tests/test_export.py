@@ -166,5 +166,20 @@ def test_a_missing_package_says_how_to_install_it(run, monkeypatch):
         export.main([str(ckpt), "--out", str(out.parent / "none"), "--formats", "safetensors"])
 
 
+def test_a_detector_travels_as_safetensors_only(tmp_path):
+    names = list(SHAPE_CLASSES[1:])
+    torch.manual_seed(0)
+    model = build_model("retinanet_denseclip_tiny", names).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "det.pth")  # an official-style file: --model needed
+    argv = [str(tmp_path / "det.pth"), "--model", "retinanet_denseclip_tiny", "--class-names", ",".join(names)]
+    export.main(argv)
+    assert not (tmp_path / "det.onnx").exists()
+    loaded = build_model("retinanet_denseclip_tiny", names)
+    load_checkpoint(loaded, str(tmp_path / "det.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="the ONNX export is for segmentors"):
+        export.main([*argv, "--formats", "onnx"])
+
+
 def test_the_export_keeps_every_option_eval_takes_from_a_checkpoint():
     assert set(export.DATA_KEYS) == evaluation.INHERIT - {"model", "overrides", "class_names", "seed"}
