@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="train.py checkpoint, or any file load_checkpoint reads (with --model)")
     p.add_argument("--out", help="output path without suffix (default: the checkpoint's, without its suffix)")
-    p.add_argument("--model", choices=sorted(CONFIGS), help="config name (default: the checkpoint's)")
+    p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
+                   help="config name, one of denseclip.CONFIGS (default: the checkpoint's)")
     p.add_argument("--class-names", help="the model's classes: a file (one per line) or 'a,b,c' (default: the "
                                          "checkpoint's, else ADE20K's / COCO's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -135,9 +136,12 @@ def check_onnx(model, path: Path, sizes, seed: int = 0) -> list:
 
 
 def check_sizes(model, given) -> list:
-    if given:
-        return [tuple(given[:2]), tuple(given[2:])]
     crop, step = model.cfg.test_crop, size_step(model)
+    if given:
+        if min(given) < MIN_SIDE or any(n % step for n in given):
+            raise ConfigError(f"--check-sizes {' '.join(map(str, given))}: the graph takes sides of at least "
+                              f"{MIN_SIDE}" + (f", multiples of {step}" if step > 1 else ""))
+        return [tuple(given[:2]), tuple(given[2:])]
     return [(crop, crop), tuple(max(MIN_SIDE, -(-n // step) * step) for n in (crop // 2 + 8, crop + 24))]
 
 
