@@ -23,7 +23,9 @@ model its weights describe (the architecture is read off the weight shapes, as O
   (positional embedding truncated to the text length). New layers may be missing; CLIP keys the
   model has no place for (e.g. the attention pool for a plain-FPN baseline) are reported as unused;
 - a torchvision ImageNet ResNet state dict: initialises the any-backbone variant's ResNet.
-Files are read with `torch.load(weights_only=True)`, or as TorchScript archives, which run no pickle code.
+Files are read with `torch.load(weights_only=True)`, as TorchScript archives, which run no pickle code, or, for a
+`.safetensors` file (tools/export.py writes them; any file in that format is recognised by its header), by
+safetensors' own loader: no pickle at all (the optional package safetensors, the `export` extra).
 A file that cannot be read says why: missing, empty, truncated, not a PyTorch file at all, or refused by the safe
 loader (with how to convert a file one trusts); a checkpoint of another architecture names the config it was
 trained with when the file records it.
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from .clip import CLIP, TextEncoder, VisionTransformer, resize_pos_embed
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, require_package
 from .language import decode_names, drop_text_encoder
 from .resnet import ModifiedResNet
 
@@ -105,9 +107,32 @@ def load_file(path: str):
                               "again") from None
 
 
+def is_safetensors(path: str) -> bool:
+    """safetensors' layout: an 8-byte little-endian header length, then the header, a JSON object."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def read_safetensors(path: str):
+    """(tensors, {"args": {"model": ...}} when the header's metadata names the config) of a .safetensors file."""
+    safetensors = require_package("safetensors", f"reading {path} (a safetensors file)", "export")
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}): copy or "
+                              "export it again") from None
+    return sd, {"args": {"model": meta["model"]}} if "model" in meta else {}
+
+
 def read_checkpoint(path: str):
     """(tensors, the whole file object) of a checkpoint file; the tensors unwrapped from {"model"|"state_dict": ...}
     and DDP's "module."."""
+    if is_safetensors(path):
+        return read_safetensors(path)
     if is_torchscript(path):
         return read_openai_state_dict(path), {}
     obj = load_file(path)

@@ -49,12 +49,12 @@ def drop_path(x, p: float, training: bool):
 
 def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept, the square
-    spatial grid is resized bilinearly (align_corners=False, as the official DenseCLIP code)."""
+    spatial grid is resized bilinearly (align_corners=False, as the official DenseCLIP code). At the stored size the
+    resize is exactly the identity (it samples the stored cells themselves), so there is no branch for it: a traced
+    graph (tools/export.py's ONNX file) serves every size."""
     n, C = pos.shape
     S = math.isqrt(n - 1)
     assert S * S == n - 1, f"positional embedding of {n} rows is not 1 + a square grid"
-    if (S, S) == tuple(grid):
-        return pos
     spatial = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)  # (1, C, S, S)
     spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
     spatial = spatial.flatten(2).transpose(1, 2)[0]  # (H*W, C)

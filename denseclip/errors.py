@@ -8,6 +8,7 @@ traceback: tracebacks are for bugs) and exits with status 2. Under torchrun ever
 
 No upstream counterpart: mmcv/mmseg report bad input as whatever exception the failing line raises.
 """
+import importlib
 import os
 import sys
 
@@ -30,6 +31,19 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class TrainingError(UserError, RuntimeError):
     """A run that cannot go on (a non-finite loss): stopped before anything bad is saved."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """An optional package (a setup.cfg extra) that the asked-for feature needs is not installed."""
+
+
+def require_package(name: str, what: str, extra: str):
+    """The module `name`, imported; a MissingPackageError saying how to install it when it is not there."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingPackageError(f"{what} needs the {name} package: pip install {name} (or pip install -e "
+                                  f"\".[{extra}]\" in a clone)") from None
 
 
 def require_file(path, option: str, what: str = "file"):

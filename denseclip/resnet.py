@@ -34,9 +34,7 @@ def pos_embed_to_grid(pos: torch.Tensor, grid: Tuple[int, int], crop: bool = Fal
             raise ValueError(f"feature grid {H}x{W} exceeds the stored {S}x{S} positional grid: raise "
                              f"input_resolution to at least {32 * max(H, W)} or resize the input smaller")
         spatial = pos[1:].reshape(S, S, C)[:H, :W].reshape(H * W, C)  # (H*W, C)
-    elif (S, S) == (H, W):
-        return pos
-    else:
+    else:  # also at the stored size, where the resize is exactly the identity: one traced graph serves every size
         spatial = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)  # (1, C, S, S)
         spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
         spatial = spatial.flatten(2).transpose(1, 2)[0]  # (H*W, C)

@@ -81,10 +81,12 @@ def pad_to_patches(images: torch.Tensor, patch: int, training: bool) -> torch.Te
     """Pad (B, 3, H, W) at the bottom and right with 0 (the normalised mean) to multiples of the ViT patch size,
     instead of dropping the pixels the patch embedding would not cover; a training crop must fit exactly."""
     H, W = images.shape[-2:]
-    if (H % patch or W % patch) and training:
+    if training and (H % patch or W % patch):
         raise ConfigError(f"training input {H}x{W} is not a multiple of the ViT patch size {patch}; "
                           f"choose --crop-size as a multiple of {patch}")
-    return F.pad(images, (0, -W % patch, 0, -H % patch)) if H % patch or W % patch else images
+    # Padded by 0 rows also when the size fits already: the same operations for every size, so that a traced graph
+    # (tools/export.py's ONNX file) pads the sizes it was not traced at.
+    return F.pad(images, (0, -W % patch, 0, -H % patch)) if patch > 1 else images
 
 
 def seg_cross_entropy(logits, labels, ignore_index: int):

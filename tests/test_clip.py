@@ -8,6 +8,7 @@ from peers import openai_clip, tiny_openai_clip
 
 from denseclip.checkpoint import load_clip
 from denseclip.clip import TextEncoder, VisionTransformer, resize_pos_embed
+from denseclip.resnet import pos_embed_to_grid
 
 
 def _texts(n=4):
@@ -136,6 +137,7 @@ def test_text_positional_embedding_truncates_to_sequence():
 
 def test_resize_pos_embed_identity_and_shape():
     pos = torch.randn(1 + 16, 8)
-    assert resize_pos_embed(pos, (4, 4)) is pos
+    # at the stored grid the bilinear resize is exactly the identity: no branch for it, one traced graph (ONNX)
+    assert torch.equal(resize_pos_embed(pos, (4, 4)), pos) and torch.equal(pos_embed_to_grid(pos, (4, 4)), pos)
     out = resize_pos_embed(pos, (6, 3))
     assert out.shape == (1 + 18, 8) and torch.equal(out[0], pos[0])

@@ -76,6 +76,14 @@ SMOKE = {
     "python train.py --out-dir runs/demo": [*SHORT, "--out-dir", "runs/smoke"],
     'pip install -e ".[tensorboard]"': [],
     "python tools/plot_log.py runs/demo": [],
+    # docs/export.md (runs/demo/iter_003000.safetensors: the fixture; the ONNX path is tests/test_export.py's)
+    'pip install -e ".[export]"': [],
+    "python tools/export.py runs/demo/iter_003000.pt": ["--formats", "safetensors"],
+    "python tools/export.py --help": [],
+    "python tools/export.py denseclip_fpn_res50.pth --model denseclip_r50 --out exports/r50 --text-free": [
+        *TINY, "--formats", "safetensors"],
+    "python demo.py runs/demo/iter_003000.safetensors shapes.png --out-dir runs/export_demo": [],
+    "python eval.py runs/demo/iter_003000.safetensors": ["--workers", "0"],
     # docs/detection.md: COCO
     "torchrun --nproc_per_node 8 train.py --dataset coco --model retinanet_denseclip_r50 --pretrained "
     "pretrained/RN50.pt --out-dir runs/retina_r50": [*COCO_TINY, "--out-dir", "runs/smoke"],
@@ -234,6 +242,7 @@ def project(tmp_path_factory):
     train.main([*SHORT, "--out-dir", str(root / "runs/demo")])
     shutil.move(root / "runs/demo/iter_000001.pt", root / "runs/demo/iter_003000.pt")
     script_main("tools/random_clip.py")([str(root / "pretrained/random_tiny.pt")])
+    script_main("tools/export.py")([str(root / "runs/demo/iter_003000.pt"), "--formats", "safetensors"])
     Image.fromarray(ProceduralShapes("val", size=64).raw(11)[0]).save(root / "shapes.png")
     return root
 

@@ -1,6 +1,7 @@
 """Run checkpoints (train.py's): what one holds, atomic writes, the latest and pruning, resuming from one bit-exactly
 (weights, optimiser, scaler, data position and every RNG state of every rank), and the arguments and class names a
-checkpoint remembers for eval.py and demo.py.
+checkpoint remembers for eval.py and demo.py, also when it travelled as an export (tools/export.py: X.safetensors
+with X.json beside it, the same json in the file's header).
 
 A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with weights_only=True:
     model, optimizer, scaler   state dicts (the unwrapped model: no DDP prefix)
@@ -9,6 +10,7 @@ A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it load
     rng                        one rng_state() per rank
     args, class_names          train.py's options (vars(args)) and the training classes
 """
+import json
 import os
 import pickle
 import random
@@ -18,9 +20,44 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import is_torchscript, load_checkpoint, load_file
+from .. import build_model
+from ..checkpoint import is_safetensors, is_torchscript, load_checkpoint, load_file
+from ..configs import CONFIGS, config_overrides
 from ..errors import ConfigError, MissingFileError
 from .distributed import print0
+
+EXPORT_FORMAT, EXPORT_VERSION = "denseclip-export", 1  # what tools/export.py writes; readers refuse newer versions
+
+
+def export_json(path) -> Path:
+    """The description tools/export.py writes next to X.safetensors: X.json."""
+    return Path(path).with_suffix(".json")
+
+
+def safetensors_metadata(path) -> dict:
+    """The "__metadata__" strings of a .safetensors header (8-byte little-endian length, then JSON), read without
+    the safetensors package."""
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__") or {}
+
+
+def exported_run(path) -> dict:
+    """saved_run of an export: its json (beside it, else the copy in the header) as a train.py checkpoint holds
+    it: {"args": {"model", "overrides", the data options}, "class_names"}; {} for a safetensors file that has
+    neither (a state dict from elsewhere: --model says which config)."""
+    side = export_json(path)
+    text = side.read_text() if side.is_file() else safetensors_metadata(path).get("denseclip")
+    if text is None:
+        return {}
+    info = json.loads(text)
+    if info.get("format") != EXPORT_FORMAT or not isinstance(info.get("version"), int):
+        raise ConfigError(f"{side} does not describe a denseclip export (no \"format\": \"{EXPORT_FORMAT}\"); move "
+                          "it away, or pass --model for the .safetensors file")
+    if info["version"] > EXPORT_VERSION:
+        raise ConfigError(f"{path} is an export of format version {info['version']}; this code reads version "
+                          f"{EXPORT_VERSION} and older: update denseclip")
+    return {"args": {**info.get("data", {}), "model": info["model"], "overrides": info["overrides"]},
+            "class_names": info["class_names"]}
 
 
 def saved_run(path: str) -> dict:
@@ -28,6 +65,8 @@ def saved_run(path: str) -> dict:
     other files (official .pth, CLIP .pt)."""
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint {path}: no such file")
+    if is_safetensors(path):
+        return exported_run(path)
     try:  # mmap: only the small pickle is read here, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError):
@@ -40,6 +79,23 @@ def saved_run(path: str) -> dict:
 def saved_train_args(path: str) -> dict:
     """train.py's arguments stored in one of its checkpoints; {} for other files (official .pth, CLIP .pt)."""
     return saved_run(path).get("args", {})
+
+
+def model_from_checkpoint(path: str, name: str = None, class_names=None, overrides=()):
+    """(model in eval mode, its load report, {"model", "overrides"}) from any file load_checkpoint reads: the config
+    name, overrides and class names come from the file when it records them (train.py checkpoints, exports), else
+    from the arguments (class names: build_model's default); `overrides` ("FIELD=VALUE") go after the file's."""
+    run = saved_run(path)
+    saved = run.get("args", {})
+    name = name or saved.get("model")
+    if name not in CONFIGS:
+        raise ConfigError(f"{path} does not record its config: name it (--model NAME; one of {', '.join(CONFIGS)})"
+                          if name is None else f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    items = list(saved.get("overrides", [])) + list(overrides)
+    model = build_model(name, class_names or run.get("class_names"), **config_overrides(items, type(CONFIGS[name]())))
+    report = load_checkpoint(model, path)
+    return model.eval(), report, {"model": name, "overrides": items, **{k: v for k, v in saved.items()
+                                                                        if k not in ("model", "overrides")}}
 
 
 def rng_state() -> dict:
