@@ -117,5 +117,8 @@ def test_text_once_per_step_with_shared_prefix_gives_the_plain_per_micro_batch_g
     model.text_encoder.share_prefix = True
     once, calls = accumulated_grads(model, batches, text_once=True)
     assert calls == 1 and set(once) == set(ref) and "contexts" in ref
-    for name, g in ref.items():
-        assert rel_diff(once[name], g) < 1e-12, name
+    assert rel_diff(once["contexts"], ref["contexts"]) < 1e-12
+    # the rest as one vector: some gradients are zero but for rounding (attnpool.k_proj.bias: softmax ignores a key
+    # bias), and their relative difference is that of two rounding noises
+    flat_once, flat_ref = (torch.cat([g[n].flatten() for n in sorted(ref)]) for g in (once, ref))
+    assert rel_diff(flat_once, flat_ref) < 1e-12
