@@ -249,7 +249,7 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers,
                             task.collate)
-    log, meter = RunLog(out_dir, rank == 0, args.tensorboard), TrainMeter()
+    log, meter = RunLog(out_dir, rank == 0, args.tensorboard), TrainMeter(args.iters, start_iter, live=rank == 0)
 
     model.train()
     for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
@@ -259,8 +259,8 @@ def main(argv=None):
             group["lr"] = lr_of(it, group["initial_lr"])
         stats, epoch, seen = train_step(model, batches, optimizer, scaler, accum, device, args.amp, args.clip_grad,
                                         it + 1, out_dir)
-        meter.add(stats, time.time() - t0)
         step = it + 1  # steps done
+        meter.add(stats, time.time() - t0, step)  # on a terminal, also the live line
         if step % args.log_interval == 0 or step == args.iters:
             line, record = meter.line(step, args.iters, epoch, lr, world)
             print0(line)
