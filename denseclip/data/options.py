@@ -39,7 +39,7 @@ def add_data_args(p: argparse.ArgumentParser, evaluation: bool = False, recipe: 
     g.add_argument("--dataset", choices=["procedural", "ade20k", "folder", "coco"], default="procedural",
                    help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
                         "layout; folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
-                        "any COCO-format json + image folder (see --train-ann)")
+                        f"any COCO-format json + image folder (see --{'val' if evaluation else 'train'}-ann)")
     g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root; "
                                        "coco: default data/coco")
     g.add_argument("--train-ann", help=train_only or "coco: training annotations (default DATA_ROOT/annotations/"
@@ -62,13 +62,15 @@ def add_data_args(p: argparse.ArgumentParser, evaluation: bool = False, recipe: 
                    else "resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
     g.add_argument("--crop-size", type=int,
                    help="procedural: the image size (default: the model's input_resolution; detection: min_size); "
-                        "unused by file datasets, whose test images keep their aspect (--scale)" if evaluation else
+                        "file datasets: unused (see --scale)" if evaluation else
                    "training crop (default: the model's input_resolution); procedural: the image size")
-    g.add_argument("--train-size", type=int, help=train_only or f"procedural: training images per epoch (default: {recipe})")
+    g.add_argument("--train-size", type=int,
+                   help=train_only or f"procedural: training images per epoch (default: {recipe})")
     g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; "
                                                 "default and 0: all)")
     g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
-                   help="pre-flight before the first step (default: %(default)s): quick: files paired / listed, "
+                   help=f"pre-flight before {'evaluating' if evaluation else 'the first step'} (default: %(default)s): "
+                        "quick: files paired / listed, "
                         "sizes from headers, validation labels decoded; full: decode every file, in parallel; off")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")

@@ -311,7 +311,8 @@ def check_data(args, min_train: int = 1, splits=("train", "val"), check=None) ->
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Check a dataset before training: segmentation (every file paired, "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Check a dataset before training: segmentation (every file paired, "
                                             "readable, of matching size, with label values inside the classes) or "
                                             "COCO-format detection (the jsons consistent, every image listed there, "
                                             "readable, of the size the json says).")
