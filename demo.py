@@ -31,8 +31,9 @@ import torch
 
 from denseclip import build_model, inference
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, config_overrides, task_of
+from denseclip.configs import CONFIGS, config_names, config_overrides, task_of
 from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
+from denseclip.data.options import HelpFormatter
 from denseclip.data.segmentation import read_class_names
 from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
 from denseclip.errors import run_main
@@ -42,22 +43,28 @@ from denseclip.run.checkpoints import saved_run
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="train.py checkpoint, official DenseCLIP .pth, or a (text-free) state dict")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out-dir", default="demo_out")
-    p.add_argument("--model", choices=sorted(CONFIGS), help="config name (default: the checkpoint's; needed for "
-                                                              "official checkpoints)")
+    p.add_argument("--out-dir", default="demo_out", help="the pictures go here, named after the images")
+    # Every config name parses, so that a detector gets load_model's message (a detection model) rather than
+    # argparse's list; the help names the segmentation configs only.
+    p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
+                   help="segmentation config (default: the checkpoint's; needed for official checkpoints); "
+                        f"{config_names(('segmentation',))}")
     p.add_argument("--class-names", help="the model's training classes: a file (one per line) or 'a,b,c' "
                                          "(default: the checkpoint's, else ADE20K's 150)")
-    p.add_argument("--classes", help="open vocabulary: segment with these names (comma-separated) by the score map")
-    p.add_argument("--score-maps", help="comma-separated class names whose score maps to draw (any names)")
+    p.add_argument("--classes", help="open vocabulary: segment with these names (comma-separated) by the score map "
+                                     "(default: the model's classes, by its decode head)")
+    p.add_argument("--score-maps", help="comma-separated class names whose score maps to draw (any names; default: "
+                                        "none)")
     p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="resize (keep ratio) to fit these bounds before inference, as the test transform (default: "
                         "the training data's; none for procedural-data models; 2048 512 for official ones)")
     p.add_argument("--no-resize", action="store_true", help="run at the image's own size")
     p.add_argument("--mode", choices=["whole", "slide"],
-                   help="default: slide when the image exceeds the model's test crop, else the config's test mode")
+                   help="inference on the whole image or in sliding windows of the test crop (default: slide when "
+                        "the image exceeds the model's test crop, else the config's test mode)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")

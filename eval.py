@@ -18,6 +18,7 @@ denseclip/run/evaluate.py, what differs between segmentation and detection (metr
 pictures) denseclip/run/tasks.py, the data options and datasets denseclip/data/options.py.
 """
 import argparse
+import textwrap
 from dataclasses import replace
 
 import torch.distributed as dist
@@ -25,8 +26,8 @@ import torch.distributed as dist
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint, load_clip
 from denseclip.clip import READOUTS
-from denseclip.configs import CONFIGS, DenseCLIPConfig, config_overrides
-from denseclip.data.options import add_data_args
+from denseclip.configs import CONFIGS, DenseCLIPConfig, config_names, config_overrides
+from denseclip.data.options import HelpFormatter, add_data_args
 from denseclip.errors import ConfigError, run_main
 from denseclip.run.checkpoints import saved_train_args
 from denseclip.run.distributed import init_distributed, print0
@@ -40,29 +41,40 @@ INHERIT = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "
            "train_ann", "train_images", "val_ann", "val_images"}
 
 
+def epilog() -> str:
+    """--help's note on the options a train.py checkpoint fills in, from INHERIT."""
+    flags = ", ".join("--set" if k == "overrides" else f"--{k.replace('_', '-')}"
+                      for k in sorted(INHERIT - {"seed", "train_ann", "train_images"}))
+    return "\n".join(textwrap.wrap("a checkpoint written by train.py also sets the data and model options it was "
+                                   "trained with, where they are left at the defaults shown above: " + flags, 114))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog(), formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="train.py checkpoint, official DenseCLIP .pth, or a bare state dict")
-    p.add_argument("--model", choices=sorted(CONFIGS), help="config name (default: the one the checkpoint was trained "
-                                                              "with; needed for official checkpoints)")
-    add_data_args(p)
+    p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
+                   help="config name (default: the one the checkpoint was trained with; needed for official "
+                        f"checkpoints); {config_names()}")
+    add_data_args(p, evaluation=True)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # datasets take one; test data ignore it
-    p.add_argument("--mode", choices=["whole", "slide"], help="default: the model config's test_mode")
+    p.add_argument("--mode", choices=["whole", "slide"], help="inference on the whole image or in sliding windows "
+                                                              "of the test crop (default: the config's test_mode)")
     p.add_argument("--aug-test", action="store_true", help=f"multi-scale {AUG_RATIOS} + flip, as the official")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also average over horizontally flipped images")
     p.add_argument("--show-dir", help="segmentation: write colourised predictions (palette PNGs named after the "
                                       "images) here; detection: the images with boxes, class names, scores (and "
-                                      "mask outlines) drawn over them")
+                                      "mask outlines) drawn over them (default: no pictures)")
     p.add_argument("--score-maps", metavar="NAMES", help="with --show-dir: also draw the score maps of these classes "
-                   "(comma-separated, any names) for the first --score-map-images images (see demo.py)")
-    p.add_argument("--score-map-images", type=int, default=4)
+                   "(comma-separated, any names) for the first --score-map-images images (see demo.py; "
+                   "default: none)")
+    p.add_argument("--score-map-images", type=int, default=4, help="how many images get --score-maps pictures")
     p.add_argument("--out", help="segmentation: also write the metrics (and per-class IoU/Acc) to this JSON file; "
                                  "detection: write the detections as a COCO results JSON (xywh boxes in original "
                                  "image pixels, the dataset's own category ids); Mask R-CNN also writes the masks "
-                                 "(RLE) to OUT with the suffix .segm.json")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--workers", type=int, default=2)
+                                 "(RLE) to OUT with the suffix .segm.json (default: no file)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes are the data's)")
     g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")

@@ -31,8 +31,8 @@ from torch import nn
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, config_overrides
-from denseclip.data.options import add_data_args
+from denseclip.configs import CONFIGS, config_names, config_overrides
+from denseclip.data.options import HelpFormatter, add_data_args
 from denseclip.errors import ConfigError, require_file, run_main
 from denseclip.language import text_once_per_step
 from denseclip.run.activation_checkpoint import checkpoint_activations
@@ -45,6 +45,7 @@ from denseclip.run.optim import CUSTOM_KEYS, param_groups
 from denseclip.run.step import autocast, stop_if_not_finite
 from denseclip.run.tasks import TASKS, task_for
 
+RECIPE_OPTIONS = {key for task in TASKS for _, defaults in task.recipes.values() for key in defaults}
 UNSET = """  global-batch unset: batch-size x processes (no accumulation); detection: eval/save intervals unset = one
   epoch (train images // global-batch iterations); eval-interval 0: evaluation only at the end"""
 EXAMPLES = """recipes:
@@ -79,41 +80,48 @@ def defaults_help() -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=defaults_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="denseclip_tiny", choices=sorted(CONFIGS),
-                   help="named config (denseclip_* with language, fpn_* the plain-FPN baselines)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default="denseclip_tiny", choices=sorted(CONFIGS), metavar="NAME",
+                   help="named config (denseclip_* with language, fpn_* / *_clip_* and retinanet_tiny / maskrcnn_tiny "
+                        f"the baselines without it); {config_names()}")
     add_data_args(p)
-    g = p.add_argument_group("optimisation (unset: see defaults below)")
-    g.add_argument("--iters", type=int, help="optimiser steps (detection: default epochs x iterations per epoch)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, help="optimiser steps (detection: epochs x iterations per epoch)")
     g.add_argument("--epochs", type=int, help="detection: epochs of train images // global batch iterations each")
     g.add_argument("--lr-steps", type=int, nargs="+", help="detection: epochs at which the lr drops x0.1")
     g.add_argument("--batch-size", type=int, help="images per process per forward")
     g.add_argument("--global-batch", type=int, help="images per optimiser step, all processes together; "
                                                     "accumulation steps = global / (batch-size x processes)")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-iters", type=int)
+    g.add_argument("--lr", type=float, help="AdamW's base learning rate (groups scale it by their lr_mult)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's weight decay (x each group's decay_mult)")
+    g.add_argument("--warmup-iters", type=int, help="linear warmup steps at the start")
     g.add_argument("--min-lr", type=float, default=1e-6, help="segmentation: poly schedule floor (absolute, every "
                                                              "group)")
     g.add_argument("--backbone-lr-mult", type=float, help="lr multiplier of the image encoder")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (unset: no clipping)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute the image encoder's residual blocks in the backward: less memory, ~1/3 more time")
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default="runs/default")
-    g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any)")
-    g.add_argument("--pretrained", help="initial weights: OpenAI CLIP .pt (pretrained/RN50.pt) or a checkpoint")
+    g.add_argument("--out-dir", default="runs/default", help="checkpoints (iter_NNNNNN.pt) and log.jsonl go here")
+    g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any) "
+                                    "(default: start from scratch)")
+    g.add_argument("--pretrained", help="initial weights: OpenAI CLIP .pt (pretrained/RN50.pt) or a checkpoint "
+                                        "(default: random weights)")
     g.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--save-interval", type=int, help="checkpoint every N steps (and always at the end)")
     g.add_argument("--keep", type=int, default=0, help="keep only the N latest checkpoints (default 0: all)")
-    g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-interval", type=int, default=50, help="print the mean losses of every N steps (and on a "
+                                                               "terminal, a live line in between)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     g.add_argument("--tensorboard", action="store_true", help="also log losses, lr, speed and mIoU for TensorBoard "
                                                               "under OUT_DIR/tensorboard (pip install tensorboard)")
+    for action in p._actions:  # the options a task's recipe fills in (tasks.py): their defaults are the epilog's
+        if action.dest in RECIPE_OPTIONS and action.dest != "train_size":
+            action.help += " (default: from the recipe, see below)"
     args = p.parse_args(argv)
     for key, value in task_for(args.model).recipe(args.dataset).items():
         if getattr(args, key) is None:
@@ -249,7 +257,7 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers,
                             task.collate)
-    log, meter = RunLog(out_dir, rank == 0, args.tensorboard), TrainMeter()
+    log, meter = RunLog(out_dir, rank == 0, args.tensorboard), TrainMeter(args.iters, start_iter, live=rank == 0)
 
     model.train()
     for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
@@ -259,8 +267,8 @@ def main(argv=None):
             group["lr"] = lr_of(it, group["initial_lr"])
         stats, epoch, seen = train_step(model, batches, optimizer, scaler, accum, device, args.amp, args.clip_grad,
                                         it + 1, out_dir)
-        meter.add(stats, time.time() - t0)
         step = it + 1  # steps done
+        meter.add(stats, time.time() - t0, step)  # on a terminal, also the live line
         if step % args.log_interval == 0 or step == args.iters:
             line, record = meter.line(step, args.iters, epoch, lr, world)
             print0(line)

@@ -359,6 +359,11 @@ def task_of(name: str) -> str:
     return "detection" if isinstance(CONFIGS[name](), DetectionConfig) else "segmentation"
 
 
+def config_names(tasks=("segmentation", "detection")) -> str:
+    """'segmentation: a, b; detection: c, d': the named configs by task, for the scripts' --model help."""
+    return "; ".join(f"{task}: " + ", ".join(n for n in sorted(CONFIGS) if task_of(n) == task) for task in tasks)
+
+
 def config_overrides(items, config_type=DenseCLIPConfig) -> dict:
     """['head_dropout=0', 'test_mode=slide'] -> {'head_dropout': 0, 'test_mode': 'slide'}; fields unknown to the
     model's config dataclass fail."""

@@ -15,38 +15,63 @@ from .segmentation import ADE20K, FolderSegmentation, read_class_names
 
 
 # -------------------------------------------------------------------------------------------- options
-def add_data_args(p: argparse.ArgumentParser):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: description and epilog as written (they hold examples), and every option's help ending
+    with its default, as argparse.ArgumentDefaultsHelpFormatter does, unless the text already says it. An option
+    whose default is None must say in its own words what unset means (tests/test_help.py checks every option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        value = action.default
+        shown = "off" if value is False else "none" if value == [] else \
+            " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return f"{text} (default: {shown})".strip()
+
+
+def add_data_args(p: argparse.ArgumentParser, evaluation: bool = False, recipe: str = "from the recipe, see below"):
+    """The data options; evaluation: eval.py's set (the validation split only: the training-only options are
+    accepted but not listed, and --scale / --crop-size say what they do at test time); recipe: where the default
+    of a recipe option (--train-size) is told."""
+    train_only = argparse.SUPPRESS if evaluation else None
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["procedural", "ade20k", "folder", "coco"], default="procedural",
                    help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
                         "layout; folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
-                        "any COCO-format json + image folder (see --train-ann)")
+                        f"any COCO-format json + image folder (see --{'val' if evaluation else 'train'}-ann)")
     g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root; "
                                        "coco: default data/coco")
-    g.add_argument("--train-ann", help="coco: training annotations (default DATA_ROOT/annotations/"
-                                       "instances_train2017.json); class names come from its categories")
-    g.add_argument("--train-images", help="coco: training image folder (default DATA_ROOT/train2017)")
+    g.add_argument("--train-ann", help=train_only or "coco: training annotations (default DATA_ROOT/annotations/"
+                                                     "instances_train2017.json); class names come from its categories")
+    g.add_argument("--train-images", help=train_only or "coco: training image folder (default DATA_ROOT/train2017)")
     g.add_argument("--val-ann", help="coco: validation annotations (default DATA_ROOT/annotations/"
                                      "instances_val2017.json)")
     g.add_argument("--val-images", help="coco: validation image folder (default DATA_ROOT/val2017)")
     g.add_argument("--img-dir", default="images", help="folder: images under DATA_ROOT/IMG_DIR/SPLIT")
     g.add_argument("--ann-dir", default="annotations", help="folder: labels (same stem) under DATA_ROOT/ANN_DIR/SPLIT")
-    g.add_argument("--train-split", default="training", help="folder: training split name (default: training)")
-    g.add_argument("--val-split", default="validation", help="folder: validation split name (default: validation)")
-    g.add_argument("--img-suffix", default=".jpg")
-    g.add_argument("--seg-suffix", default=".png")
+    g.add_argument("--train-split", default="training", help=train_only or "folder: training split name")
+    g.add_argument("--val-split", default="validation", help="folder: validation split name")
+    g.add_argument("--img-suffix", default=".jpg", help="folder: the images' file suffix")
+    g.add_argument("--seg-suffix", default=".png", help="folder: the label images' file suffix")
     g.add_argument("--reduce-zero-label", action="store_true", help="folder: label 0 is 'other' (ignored), k -> k-1")
-    g.add_argument("--class-names", help="folder: a text file with one class name per line, or 'cat,dog,sky'")
+    g.add_argument("--class-names", help="folder (needed there): a text file with one class name per line, or "
+                                         "'cat,dog,sky' (default: the dataset's own names)")
     g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
-                   help="resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
+                   help="test images are resized (keep ratio) to fit these bounds (default 2048 512)" if evaluation
+                   else "resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
     g.add_argument("--crop-size", type=int,
-                   help="training crop (default: the model's input_resolution); procedural: the image size")
-    g.add_argument("--train-size", type=int, help="procedural: training images per epoch (default: segmentation 20000, "
-                                                  "detection 2000)")
-    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; 0: all)")
+                   help="procedural: the image size (default: the model's input_resolution; detection: min_size); "
+                        "file datasets: unused (see --scale)" if evaluation else
+                   "training crop (default: the model's input_resolution); procedural: the image size")
+    g.add_argument("--train-size", type=int,
+                   help=train_only or f"procedural: training images per epoch (default: {recipe})")
+    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; "
+                                                "default and 0: all)")
     g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
-                   help="pre-flight before the first step: quick (default: files paired / listed, sizes from "
-                        "headers, validation labels decoded), full (decode every file, in parallel), off")
+                   help=f"pre-flight before {'evaluating' if evaluation else 'the first step'} (default: %(default)s): "
+                        "quick: files paired / listed, "
+                        "sizes from headers, validation labels decoded; full: decode every file, in parallel; off")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set head_dropout=0 --set test_mode=slide")
 

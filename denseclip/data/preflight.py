@@ -40,7 +40,7 @@ from PIL import Image
 from ..errors import DataError, run_main
 from ..progress import progress
 from . import coco, image_io, segmentation
-from .options import add_data_args, coco_files, dataset_class_names, split_files
+from .options import HelpFormatter, add_data_args, coco_files, dataset_class_names, split_files
 from .image_io import IMAGE_SUFFIXES
 from .transforms import IGNORE_INDEX
 
@@ -311,11 +311,12 @@ def check_data(args, min_train: int = 1, splits=("train", "val"), check=None) ->
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a dataset before training: segmentation (every file paired, "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                description="Check a dataset before training: segmentation (every file paired, "
                                             "readable, of matching size, with label values inside the classes) or "
                                             "COCO-format detection (the jsons consistent, every image listed there, "
                                             "readable, of the size the json says).")
-    add_data_args(p)
+    add_data_args(p, recipe="train.py's recipe, see python train.py --help")
     p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (x processes) to expect")
     p.set_defaults(check_data="full")
     args = p.parse_args(argv)

@@ -2,10 +2,16 @@
 record (training and evaluation) in OUT_DIR/log.jsonl and, with --tensorboard, as TensorBoard scalars.
 
 mmcv's TextLoggerHook and TensorboardLoggerHook in two small classes: only rank 0 writes; the losses are averaged
-over the ranks (one all_reduce) before they are printed, so every rank must call `TrainMeter.line`."""
+over the ranks (one all_reduce) before they are printed, so every rank must call `TrainMeter.line`.
+
+On a terminal (stderr a tty, rank 0) the meter also keeps a live line up to date between the printed lines
+(denseclip/progress.py's LiveLine): step/total, the running means of this rank's losses since the last printed
+line, it/s and the ETA from the mean rate since the run (or its resume) started. It only reads numbers: the printed
+lines, log.jsonl and piped output are the same with and without it."""
 import json
 from pathlib import Path
 
+from ..progress import LiveLine
 from .distributed import reduce_mean
 
 
@@ -47,21 +53,33 @@ class RunLog:
 
 
 class TrainMeter:
-    """Sums of each step's losses (and gradient norm) and the seconds spent in steps, since the last line."""
+    """Sums of each step's losses (and gradient norm) and the seconds spent in steps, since the last line; with
+    `iters`, the live line of a run of `iters` steps that starts after `start` (drawn where `live` and a terminal)."""
 
-    def __init__(self):
+    def __init__(self, iters: int = 0, start: int = 0, live: bool = False):
+        self.live = LiveLine(iters, "train", start, on=live and iters > 0)
         self.reset()
 
     def reset(self):
         self.sums, self.steps, self.busy = {}, 0, 0.0
 
-    def add(self, values: dict, seconds: float):
+    def add(self, values: dict, seconds: float, step: int = 0):
+        """One step's values (tensors or numbers); step: the steps done after it (for the live line)."""
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps, self.busy = self.steps + 1, self.busy + seconds
+        self.live.update(step, self.running)
+
+    def running(self) -> str:
+        """This rank's mean losses since the last line (total first), for the live line: no all_reduce, it is drawn
+        on rank 0 alone. .item() waits for the GPU, which is why the live line asks only a few times a second."""
+        avg = {k: float(v) / self.steps for k, v in self.sums.items() if k.startswith("loss")}
+        parts = [f"loss {sum(avg.values()):.4f}"] + [f"{k[5:] or k} {v:.4f}" for k, v in avg.items()]
+        return "  ".join(parts[:1] + (parts[1:] if len(avg) > 1 else []))
 
     def line(self, step: int, iters: int, epoch: int, lr: float, world: int):
         """(printed line, log record) of the means over the steps since the last line, over all ranks; resets."""
+        self.live.clear()  # the printed line then starts at the left edge of a terminal
         avg = {k: v / self.steps for k, v in reduce_mean(self.sums, world).items()}
         avg["loss"] = sum(v for k, v in avg.items() if k.startswith("loss"))
         speed = self.steps / self.busy
