@@ -70,11 +70,11 @@ def saved_run(path: str) -> dict:
         raise MissingFileError(f"checkpoint {path}: no such file")
     if is_safetensors(path):
         return exported_run(path)
+    if is_torchscript(path):
+        return {}  # an OpenAI CLIP archive (or a look-alike): load_checkpoint reads it, or says why not
     try:  # mmap: only the small pickle is read here, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError):
-        if is_torchscript(path):
-            return {}  # an OpenAI CLIP archive: load_checkpoint reads it
         obj = load_file(path)  # a legacy-format file loads; a damaged or unsafe one raises, saying why
     return {k: obj[k] for k in ("args", "class_names") if k in obj} if isinstance(obj, dict) else {}
 
