@@ -8,40 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_interrupted  # noqa: E402
+from test_interrupted import ARGS, resumes_bit_exactly  # noqa: E402
 
-import train  # noqa: E402
+import train  # noqa: E402  (repo root: on sys.path through test_interrupted)
 from denseclip.errors import OutputError, TrainingError, run_main  # noqa: E402
 from denseclip.run.step import stop_if_not_finite  # noqa: E402
 
-# Dropout on, 2 accumulation steps per iteration, a checkpoint every 2 of 4 iterations (as tests/test_interrupted.py).
-ARGS = ["--crop-size", "32", "--batch-size", "2", "--global-batch", "4", "--iters", "4", "--save-interval", "2",
-        "--warmup-iters", "2", "--eval-interval", "0", "--val-size", "2", "--workers", "0", "--log-interval", "1",
-        "--set", "test_mode=whole"]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole")
-    train.main([*ARGS, "--out-dir", str(out)])
-    return load(out / "iter_000004.pt")
-
-
-def resumes_bit_exactly(out: Path, reference: dict):
-    """--resume auto from what is left in `out` ends at the uninterrupted run's weights and optimiser state."""
-    train.main([*ARGS, "--out-dir", str(out), "--resume", "auto"])
-    resumed = load(out / "iter_000004.pt")
-    assert resumed["data"] == reference["data"]
-    for k, v in reference["model"].items():
-        assert torch.equal(resumed["model"][k], v), k
-    for i, state in reference["optimizer"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(resumed["optimizer"]["state"][i][k], v), (i, k)
+uninterrupted = test_interrupted.uninterrupted  # the fixture: the same 4 iterations, never interrupted
 
 
 def stopped(argv, capsys):

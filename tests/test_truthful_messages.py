@@ -31,7 +31,7 @@ def folder_run(tmp_path_factory):
         for i in range(n):
             write_pair(root, split, f"{split[0]}{i}", rng=rng)
     train.main([*TINY, "--dataset", "folder", "--data-root", str(root), "--class-names", NAMES, "--iters", "1",
-                "--out-dir", str(tmp / "run")])
+                "--global-batch", "2", "--out-dir", str(tmp / "run")])
     return root, tmp / "run" / "iter_000001.pt"
 
 

@@ -9,6 +9,8 @@ A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it load
     data                       {"epoch", "seen"}: the batch stream's whole state (batches.train_batches)
     rng                        one rng_state() per rank
     args, class_names          train.py's options (vars(args)) and the training classes
+Only finite checkpoints are written (save_run), so the latest is one to resume from; a write that fails (a full disk)
+leaves the previous one as it was.
 """
 import errno
 import json
