@@ -18,6 +18,7 @@ denseclip/run/evaluate.py, what differs between segmentation and detection (metr
 pictures) denseclip/run/tasks.py, the data options and datasets denseclip/data/options.py.
 """
 import argparse
+import re
 import textwrap
 from dataclasses import replace
 
@@ -28,7 +29,7 @@ from denseclip.checkpoint import load_checkpoint, load_clip
 from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, DenseCLIPConfig, config_names, config_overrides
 from denseclip.data.options import HelpFormatter, add_data_args
-from denseclip.errors import ConfigError, run_main
+from denseclip.errors import ConfigError, UserError, run_main
 from denseclip.run.checkpoints import saved_train_args
 from denseclip.run.distributed import init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
@@ -87,8 +88,9 @@ def parse_args(argv=None):
     p.set_defaults(**{k: v for k, v in saved.items() if k in INHERIT})
     args = p.parse_args(argv)
     # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
+    # The file's --set overrides apply even when --set is given (those given go after them): always said.
     args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in INHERIT - {"seed"} and
-                            getattr(given, k) == plain[k] and v != plain[k]}
+                            (getattr(given, k) == plain[k] or k == "overrides") and v != plain[k]}
     if args.score_maps and (args.zero_shot or not args.show_dir):
         p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
     if args.model is None and not args.zero_shot:
@@ -104,6 +106,18 @@ def inherited(options: dict) -> str:
                     f"--{k.replace('_', '-')}" if v is True else
                     f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                     for k, v in options.items())
+
+
+def name_inherited(error: UserError, args) -> UserError:
+    """The error, told that the options it names came from the checkpoint when they did (not from the command
+    line, where the user would look for them)."""
+    flags = {("--set" if k == "overrides" else f"--{k.replace('_', '-')}"): k for k in args.from_checkpoint}
+    named = [flag for flag in flags if re.search(re.escape(flag) + r"(?![\w-])", str(error))]
+    if not named:
+        return error
+    return type(error)(f"{error}\n({inherited({flags[f]: args.from_checkpoint[flags[f]] for f in named})}: taken "
+                       f"from {args.checkpoint}, not given on the command line; pass {' / '.join(named)} to "
+                       "override)")
 
 
 def trained_model(args, task):
@@ -144,7 +158,10 @@ def main(argv=None):
         model, dataset = zero_shot_model(args, task)
     else:
         task = task_for(args.model)
-        model, dataset = trained_model(args, task)
+        try:
+            model, dataset = trained_model(args, task)
+        except UserError as e:
+            raise name_inherited(e, args) from None
     model.to(device)
     test = task.test_options(args, model)  # segmentation: mode, ratios, flip; detection: none
     how = ", ".join(f"{k} {v}" for k, v in test.items())

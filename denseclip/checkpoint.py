@@ -88,6 +88,9 @@ def load_file(path: str):
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is truncated or damaged (an incomplete zip archive, "
                               f"{os.path.getsize(path)} bytes): copy or download it again")
+    if is_torchscript(path):  # torch.load would suggest weights_only=False: unsafe, and not what is needed here
+        raise CheckpointError(f"{path} is a TorchScript archive (an OpenAI CLIP file, or a look-alike), not a "
+                              "torch.save checkpoint: it holds no training state (OpenAI CLIP weights: --pretrained)")
     if not head.startswith((b"PK", b"\x80")):  # neither a zip archive nor a pickle (legacy torch.save)
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes {head!r}); "
                               "expected a .pt/.pth file written by torch.save")
@@ -333,13 +336,18 @@ _ARCHIVE_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 def read_openai_state_dict(path: str) -> dict:
     """State dict of an OpenAI CLIP file: a TorchScript archive (what OpenAI distributes; loading one
     runs no Python pickle code) or a plain state dict, read with weights_only=True. fp16 -> fp32."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files use it
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
+    if not is_torchscript(path):
+        sd = load_file(path)  # a damaged or unsafe file raises, saying why
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files use it
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError:  # never retried as a pickle: that is how a look-alike would run its code
+            raise CheckpointError(f"{path} looks like a TorchScript archive (it holds a constants.pkl) but "
+                                  "torch.jit.load cannot read it, and it is not opened any other way: download the "
+                                  "OpenAI CLIP file again, or give a state dict saved with torch.save") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _ARCHIVE_ONLY_KEYS}
 
 

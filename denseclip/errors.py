@@ -33,6 +33,10 @@ class TrainingError(UserError, RuntimeError):
     """A run that cannot go on (a non-finite loss): stopped before anything bad is saved."""
 
 
+class OutputError(UserError, OSError):
+    """An output file that cannot be written (a full disk, a read-only folder): the previous outputs are kept."""
+
+
 class MissingPackageError(UserError, ImportError):
     """An optional package (a setup.cfg extra) that the asked-for feature needs is not installed."""
 

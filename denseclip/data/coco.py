@@ -98,6 +98,23 @@ def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)  # (N, 4)
 
 
+def category_names(gt: COCO, cat_ids, ann_file) -> list:
+    """The categories' names in id order. Names are what the text encoder tells classes apart by, so an empty or a
+    repeated one (after stripping spaces) is a DataError naming the json and the category ids."""
+    ids = {}
+    for c in cat_ids:
+        ids.setdefault(str(gt.cats[c]["name"]).strip(), []).append(c)
+    if "" in ids:
+        raise DataError(f"{ann_file}: the json's categories with id(s) {ids['']} have an empty name; every category "
+                        "needs one (the text encoder reads it)")
+    repeated = [f"{n!r} (ids {', '.join(map(str, c))})" for n, c in ids.items() if len(c) > 1]
+    if repeated:
+        raise DataError(f"{ann_file}: the json's categories repeat the name(s) {'; '.join(repeated[:10])}; each "
+                        "category needs its own name (the text encoder tells classes apart by it): rename or merge "
+                        "them")
+    return [gt.cats[c]["name"] for c in cat_ids]
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images in `img_dir` annotated by the COCO-format `ann_file` (COCO 2017 or your own): class names and their
     order from the json's categories, sorted by id. Validation keeps every image (those without annotations
@@ -114,7 +131,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = read_coco_json(ann_file, evaluated=not train)  # validation is scored by COCOeval
         self.cat_ids = sorted(self.coco.getCatIds())  # class k <-> COCO id cat_ids[k] (COCO's ids skip numbers)
         self.label_of = {c: k for k, c in enumerate(self.cat_ids)}
-        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.class_names = category_names(self.coco, self.cat_ids, ann_file)
         self.ids = sorted(self.coco.imgs)
         if train:
             self.ids = [i for i in self.ids if len(self.annotations(i)[0])]

@@ -9,11 +9,15 @@ A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it load
     data                       {"epoch", "seen"}: the batch stream's whole state (batches.train_batches)
     rng                        one rng_state() per rank
     args, class_names          train.py's options (vars(args)) and the training classes
+Only finite checkpoints are written (save_run), so the latest is one to resume from; a write that fails (a full disk)
+leaves the previous one as it was.
 """
+import errno
 import json
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +27,11 @@ import torch.distributed as dist
 from .. import build_model
 from ..checkpoint import is_safetensors, is_torchscript, load_checkpoint, load_file
 from ..configs import CONFIGS, config_overrides
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError, OutputError, TrainingError
 from .distributed import print0
 
 EXPORT_FORMAT, EXPORT_VERSION = "denseclip-export", 1  # what tools/export.py writes; readers refuse newer versions
+NON_FINITE_HINT = "Try a lower --lr, --clip-grad 1.0, --amp none (or bf16), or check the data with --check-data full"
 
 
 def export_json(path) -> Path:
@@ -67,11 +72,11 @@ def saved_run(path: str) -> dict:
         raise MissingFileError(f"checkpoint {path}: no such file")
     if is_safetensors(path):
         return exported_run(path)
+    if is_torchscript(path):
+        return {}  # an OpenAI CLIP archive (or a look-alike): load_checkpoint reads it, or says why not
     try:  # mmap: only the small pickle is read here, not the tensors
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError):
-        if is_torchscript(path):
-            return {}  # an OpenAI CLIP archive: load_checkpoint reads it
         obj = load_file(path)  # a legacy-format file loads; a damaged or unsafe one raises, saying why
     return {k: obj[k] for k in ("args", "class_names") if k in obj} if isinstance(obj, dict) else {}
 
@@ -147,6 +152,10 @@ def resume(path, model, optimizer, scaler, model_name: str, batch_size: int, wor
     if ckpt.get("args", {}).get("model", model_name) != model_name:
         raise ConfigError(f"--resume {path} was trained with --model {ckpt['args']['model']}, this run is "
                           f"--model {model_name}: pass --model {ckpt['args']['model']} or another --out-dir")
+    if not all_finite([ckpt["model"], ckpt["optimizer"]]):
+        last, _ = last_good_checkpoint(Path(path).parent)
+        raise TrainingError(f"--resume {path} holds non-finite weights (NaN or infinity): continue from an earlier "
+                            f"checkpoint{f', e.g. --resume {last}' if last else ''}")
     load_checkpoint(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -158,27 +167,104 @@ def resume(path, model, optimizer, scaler, model_name: str, batch_size: int, wor
     return start, epoch, seen, ckpt["rng"]
 
 
+def non_finite_tensors(model, optimizer) -> list:
+    """Names of the model's and the optimiser's floating-point tensors that hold a NaN or an infinity ([]: none).
+    Weights (or Adam's moments) can overflow a step before the loss does, so what is saved is checked, not assumed."""
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    named = list(model.state_dict().items())
+    for p, state in optimizer.state.items():
+        named += [(f"{param_name.get(id(p), '?')} (optimiser {k})", v) for k, v in state.items()]
+    named = [(k, v) for k, v in named if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not named:
+        return []
+    device = named[0][1].device  # one transfer for all flags, not one per tensor (AdamW's step counts are on CPU)
+    finite = torch.stack([torch.isfinite(v).all().to(device) for _, v in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite) if not ok]
+
+
 def save_run(out_dir: Path, step: int, model, optimizer, scaler, data: dict, args, class_names, world: int):
     """OUT_DIR/iter_{step:06d}.pt (the contents of the module docstring), then --keep's pruning. Every rank calls
-    it (the RNG states are gathered); rank 0 writes."""
+    it (the RNG states are gathered); rank 0 writes. Refused, with a TrainingError on every rank, when a tensor to be
+    saved is not finite: every iter_*.pt this writes is one to resume from."""
     rng = gather_rng_states(world)
+    bad = non_finite_tensors(model, optimizer)
+    if world > 1:  # the ranks hold the same weights; gathered anyway, so that all stop together or none
+        every = [None] * world
+        dist.all_gather_object(every, bad)
+        bad = sorted(set().union(*every))
+    path = out_dir / f"iter_{step:06d}.pt"
+    if bad:
+        last = latest_checkpoint(out_dir)
+        kept = f"{last} is the last good checkpoint" if last else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite weights after iteration {step} ({len(bad)} tensor(s) with NaN or infinity: "
+                            f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}) while the loss was still finite; "
+                            f"{path.name} was not written: {kept}. {NON_FINITE_HINT}")
     if world == 1 or dist.get_rank() == 0:
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "iter": step, "data": data, "rng": rng, "args": vars(args),
-                         "class_names": list(class_names)}, out_dir / f"iter_{step:06d}.pt")
+                         "class_names": list(class_names)}, path)
         prune_checkpoints(out_dir, args.keep)
 
 
+def size_text(n: int) -> str:
+    return next(f"{n / 2 ** e:.1f} {u}" for e, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                if n >= 2 ** e or e == 0)
+
+
 def save_checkpoint(obj: dict, path: Path):
-    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up."""
+    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one that --resume picks up. A
+    write that fails (a full disk) removes its .tmp and raises OutputError saying why; nothing else is touched."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError(ENOSPC), not torch's "unexpected pos"
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        last = latest_checkpoint(path.parent)
+        kept = (f"{last} is untouched: --resume auto continues from it" if last else "no earlier checkpoint exists")
+        why = (f"the disk is full ({size_text(written)} written, {size_text(shutil.disk_usage(path.parent).free)} "
+               f"free in {path.parent}): free some space" if e.errno == errno.ENOSPC else f"{e.strerror or e}")
+        raise OutputError(f"cannot write checkpoint {path}: {why}; {kept}") from None
 
 
 def latest_checkpoint(out_dir: Path):
     paths = sorted(out_dir.glob("iter_*.pt"))  # a half-written iter_*.pt.tmp (killed mid-save) never matches
     return paths[-1] if paths else None
+
+
+def all_finite(obj) -> bool:
+    """Whether every floating-point tensor in dicts and lists of any depth (a checkpoint) is finite."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif isinstance(item, torch.Tensor) and item.is_floating_point() and not torch.isfinite(item).all():
+            return False
+    return True
+
+
+def finite_file(path: Path) -> bool:
+    """Whether a checkpoint file loads (weights_only) and all of its floating-point tensors are finite."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, KeyError, OSError):
+        return False
+    return all_finite(obj)
+
+
+def last_good_checkpoint(out_dir: Path):
+    """(the newest iter_*.pt that loads and holds only finite tensors, or None; the newer ones that do not)."""
+    bad = []
+    for path in sorted(out_dir.glob("iter_*.pt"), reverse=True):
+        if finite_file(path):
+            return path, bad
+        bad.append(path)
+    return None, bad
 
 
 def prune_checkpoints(out_dir: Path, keep: int):
