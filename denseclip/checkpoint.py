@@ -150,11 +150,6 @@ def read_checkpoint(path: str):
     return {k.removeprefix("module."): v for k, v in sd.items()}, obj if isinstance(obj, dict) else {}
 
 
-def read_state_dict(path: str) -> dict:
-    """The tensors of a checkpoint file, unwrapped from {"model"|"state_dict": ...} and DDP's "module."."""
-    return read_checkpoint(path)[0]
-
-
 def _trained_with(meta: dict) -> str:
     """'; the file was trained with --model NAME' when it says (train.py checkpoints record their arguments)."""
     name = meta.get("args", {}).get("model") if isinstance(meta.get("args"), dict) else None
