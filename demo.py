@@ -4,6 +4,7 @@
     python demo.py runs/demo/iter_003000.pt a.jpg --score-maps circle,star              # + score-map picture
     python demo.py runs/demo/iter_003000.pt a.jpg --classes "disc,box,ring"             # open vocabulary
     python demo.py denseclip_fpn_res50.pth a.jpg --model denseclip_r50                  # official checkpoint
+    python demo.py pretrained/ViT-B-16.pt --zero-shot --readout naclip --classes "cat,sofa,window" photo.jpg
 
 For each image (a file, or every image under a folder) it writes, under --out-dir and named after the image:
   NAME.png          the prediction blended over the photo, with a legend (colour + name) of the classes present
@@ -21,6 +22,11 @@ output per training class and knows nothing else. Expect rough masks; the contex
 to each other, so a name's map also depends on the other names asked for; a text-free export
 (drop_text_encoder) cannot encode new names at all. The Python API is the same:
 model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
+
+--zero-shot segments with raw CLIP weights and no training (denseclip/zeroshot.py, the protocol of the training-free
+papers: a dense read-out of CLIP's image tower, 80 prompt templates, 224-pixel windows on the image resized to a
+short side of 336), with the classes of --classes (or --class-names FILE, one class a line, synonyms
+comma-separated), into the same pictures.
 """
 import argparse
 import functools
@@ -40,6 +46,7 @@ from denseclip.errors import run_main
 from denseclip.progress import progress
 from denseclip.run import visualize
 from denseclip.run.checkpoints import saved_run
+from denseclip.run.zero_shot import PROTOCOL_SCALE, add_zero_shot_args, build_zero_shot, has_background, read_queries
 
 
 def parse_args(argv=None):
@@ -68,10 +75,17 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    add_zero_shot_args(p, evaluation=False)
     return p.parse_args(argv)
 
 
 def load_model(args, device):
+    if args.zero_shot:  # raw CLIP: the classes asked for, the papers' short side unless told otherwise
+        if not (args.classes or args.class_names):
+            raise SystemExit("--zero-shot needs --classes 'a,b,c' or --class-names FILE")
+        names = read_queries(args.classes or args.class_names, None)
+        model = build_zero_shot(args, names, has_background(class_names=names))
+        return model.to(device).eval(), None if args.no_resize else args.scale or PROTOCOL_SCALE
     run = saved_run(args.checkpoint)  # train.py's options and classes ({} for other files)
     saved, saved_names = run.get("args", {}), run.get("class_names")
     name = args.model or saved.get("model")
@@ -130,7 +144,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, scale = load_model(args, device)
-    names = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    names = [n.strip() for n in args.classes.split(",")] if args.classes and not args.zero_shot else None
     score_names = [n.strip() for n in args.score_maps.split(",")] if args.score_maps else None
     class_names = names or model.class_names
     pal = visualize.palette()

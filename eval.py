@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint, load_clip
-from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, DenseCLIPConfig, config_names, config_overrides
 from denseclip.data.options import HelpFormatter, add_data_args
 from denseclip.errors import ConfigError, UserError, run_main
@@ -34,7 +33,8 @@ from denseclip.run.checkpoints import saved_train_args
 from denseclip.run.distributed import init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
 from denseclip.run.tasks import SEGMENTATION, task_for
-from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
+from denseclip.run.zero_shot import (PROTOCOL_SCALE, add_zero_shot_args, build_zero_shot, describe, has_background,
+                                     read_queries)
 
 # The data and model options a checkpoint of ours remembers: left unset, they take the values it was trained with.
 INHERIT = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
@@ -77,22 +77,20 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes are the data's)")
-    g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")
-    g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
-    g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
-                   help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
+    add_zero_shot_args(p, evaluation=True)
     given = p.parse_args(argv)
     saved = saved_train_args(given.checkpoint)
     plain = {k: p.get_default(k) for k in INHERIT}
     p.set_defaults(**{k: v for k, v in saved.items() if k in INHERIT})
+    if given.zero_shot:  # the papers' short side 336
+        p.set_defaults(scale=PROTOCOL_SCALE)
     args = p.parse_args(argv)
     # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
     # The file's --set overrides apply even when --set is given (those given go after them): always said.
     args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in INHERIT - {"seed"} and
                             (getattr(given, k) == plain[k] or k == "overrides") and v != plain[k]}
-    if args.score_maps and (args.zero_shot or not args.show_dir):
-        p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
+    if args.score_maps and not args.show_dir:
+        p.error("--score-maps needs --show-dir")
     if args.model is None and not args.zero_shot:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
@@ -139,15 +137,15 @@ def trained_model(args, task):
 
 
 def zero_shot_model(args, task):
-    """Raw CLIP weights + the dataset's class names -> per-pixel argmax of the score map (no training)."""
+    """Raw CLIP weights + the dataset's classes (their text from --class-names if given) -> the zero-shot protocol."""
     clip = load_clip(args.checkpoint)
-    res = clip.visual.input_resolution
-    dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
-    cfg = ZeroShotConfig(args.readout, args.templates, args.mode or "whole", test_crop=res, test_stride=res * 2 // 3)
-    print0(f"zero-shot: {args.checkpoint}, read-out {args.readout}, {len(TEMPLATES[args.templates])} template(s), "
-           f"{len(dataset.class_names)} classes")
+    dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=clip.visual.input_resolution))
+    names = read_queries(args.class_names, len(dataset.class_names)) if args.class_names and \
+        args.dataset != "folder" else dataset.class_names  # a folder's --class-names named its classes already
+    model = build_zero_shot(args, names, has_background(dataset), clip)
+    print0(f"zero-shot: {args.checkpoint}, {describe(model)}")
     args.model = f"zero-shot {args.readout}"
-    return ZeroShotSegmenter(clip, dataset.class_names, cfg), dataset
+    return model, dataset
 
 
 def main(argv=None):
