@@ -2,6 +2,7 @@
 OpenAI model's weights (the ViT read-outs: test_readouts.py), OpenAI's prompt ensembling, the protocol's steps on
 hand-made score maps (synonyms, background threshold, SCLIP's area rule, sliding windows, the short side), and
 `eval.py --zero-shot` through the same mIoU code."""
+import json
 import sys
 from pathlib import Path
 
@@ -194,3 +195,31 @@ def test_random_clip_tool_writes_openai_keys_that_load_clip_reads(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(image), model.encode_image(image))
         assert torch.equal(loaded.encode_text(text), model.encode_text(text))
+
+
+def test_demo_zero_shot_draws_the_protocols_prediction(tmp_path):
+    """demo.py --zero-shot --readout naclip --classes ...: the photo resized to the short side 336, windows of CLIP's
+    size, the prediction back at the photo's size, drawn as for a trained model (blend + legend, label PNG, score
+    maps of any names)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import demo
+    import random_clip
+    from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
+
+    torch.save(random_clip.openai_state_dict(random_clip.random_clip(0, vit=True)), tmp_path / "vit.pt")
+    photo = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    names = ["cat", "sofa", "window"]
+    demo.main([str(tmp_path / "vit.pt"), "--zero-shot", "--readout", "naclip", "--classes", ",".join(names),
+               str(tmp_path / "photo.png"), "--out-dir", str(tmp_path / "out"), "--score-maps", "cat,sky",
+               "--device", "cpu"])
+    cfg = ZeroShotConfig(readout="naclip", test_crop=128, test_stride=64)  # CLIP's 128 px, half of it
+    model = ZeroShotSegmenter(load_clip(str(tmp_path / "vit.pt")), names, cfg).eval()
+    x = normalize(resize_image(to_tensor(photo), *rescale_size(200, 150, (2048, 336))))[None]  # (1, 3, 336, 448)
+    assert x.shape[-2:] == (336, 448)
+    expected = model.predict(x, out_size=(150, 200))[0].argmax(0).numpy()
+    label = Image.open(tmp_path / "out/photo_label.png")
+    assert label.size == (200, 150) and np.array_equal(np.asarray(label), expected)
+    legend = json.loads(Image.open(tmp_path / "out/photo.png").text["legend"])
+    assert legend == [names[k] for k in np.unique(expected)]
+    assert json.loads(Image.open(tmp_path / "out/photo_scores.png").text["names"]) == ["cat", "sky"]
