@@ -103,7 +103,7 @@ def naclip(block, x, grid: Tuple[int, int], std: float = 5.0):
     residual, no feed-forward (the paper's "reduced architecture"). Official code (clip/model.py, arch 'reduced',
     attn_strategy 'naclip'): the same; it changes no earlier block; std 5 patches is its default and the value of its
     published runs (test_all.sh ... naclip 5). Its published numbers add PAMR post-processing (pamr_steps=10 by
-    default in naclip.py), which is not part of this read-out."""
+    default in naclip.py): not part of the read-out, it is a step of the protocol (zeroshot.py's `pamr`)."""
     q, k, v = _qkv(block, x)
     prior = neighbourhood_prior(grid, std, x.dtype, x.device)  # (L, L)
     return _merge(block, F.scaled_dot_product_attention(k, k, v, attn_mask=prior))  # (B, L, C)

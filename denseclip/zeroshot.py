@@ -24,8 +24,9 @@ The protocol (`predict`), as SCLIP's / NACLIP's / ClearCLIP's segmentor code com
    of the image is dropped there (SCLIP's VOC21 setting);
 4. optional background threshold (bg_threshold): a pixel whose best class probability is below it becomes the
    background class (datasets with one: VOC21, Context60, COCO-Object in the papers).
-Not here: PAMR refinement (NACLIP's published numbers use it; SCLIP's do not), fp16 (the official codes run CLIP in
-half precision on GPU; here the model's dtype, or eval.py --amp).
+Optional between 1 and 2: PAMR (pamr_steps; `pamr`), the refinement of the logits by the image's local affinities
+that NACLIP's published numbers use (its code's default) and SCLIP's do not (its default: off).
+Not here: fp16 (the official codes run CLIP in half precision on GPU; here the model's dtype, or eval.py --amp).
 Shape letters: B batch, Q text queries (K classes and their synonyms), K classes, D joint dim, h w the patch grid.
 """
 import functools
@@ -92,6 +93,8 @@ class ZeroShotConfig:
     area_threshold: float = 0.0  # > 0: SCLIP's area rule (its VOC21 setting 0.1); off: 0
     background: int = 0  # the class that low-confidence pixels become (first in every mmseg dataset that has one)
     neighbourhood_std: float = 5.0  # NACLIP's Gaussian prior, std in patches (its code's default and runs)
+    pamr_steps: int = 0  # > 0: PAMR iterations on the logits (NACLIP's runs: 10); off: 0
+    pamr_dilations: Tuple[int, ...] = (8, 16)  # PAMR's neighbourhood dilations (NACLIP's, SCLIP's)
     pos_interpolation: str = "bicubic"  # ViT positional-grid resize: the papers' (DINO's); clip.resize_pos_embed
     ignore_index: int = 255  # label value that no metric counts
 
@@ -154,6 +157,29 @@ def low_confidence_to_background(probs: torch.Tensor, threshold: float, backgrou
     low = probs.max(dim=1, keepdim=True).values < threshold  # (B, 1, H, W)
     onehot = F.one_hot(torch.tensor(background, device=probs.device), probs.shape[1]).to(probs.dtype)  # (K,)
     return torch.where(low, onehot.view(1, -1, 1, 1), probs)  # (B, K, H, W)
+
+
+def pamr(image: torch.Tensor, logits: torch.Tensor, steps: int, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+    """PAMR (Araslanov & Roth, CVPR 2020, "Single-Stage Semantic Segmentation from Image Labels"), as NACLIP runs
+    it: `steps` times, every pixel's logits become the affinity-weighted mean of its 8 neighbours' at each dilation
+    (replicate padding). The affinity of a neighbour: softmax over the neighbours of -|x - x_n| / (0.1 std), the
+    image difference scaled by the local standard deviation (over the 3 x 3 neighbourhood with the pixel itself, at
+    every dilation), averaged over the colour channels. image (B, 3, H, W) normalised, logits (B, Q, H, W)."""
+    H, W = image.shape[-2:]
+    pad = max(dilations)
+    ring = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    square = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+    def shifted(t, offsets):  # (B, C, H, W) -> (B, C, P, H, W): t at each offset, edges replicated
+        t = F.pad(t, [pad] * 4, mode="replicate")
+        return torch.stack([t[..., pad + y:pad + y + H, pad + x:pad + x + W] for y, x in offsets], dim=2)
+
+    std = shifted(image, square).std(dim=2, keepdim=True)  # (B, 3, 1, H, W)
+    affinity = -(image[:, :, None] - shifted(image, ring)).abs() / (1e-8 + 0.1 * std)  # (B, 3, P, H, W)
+    affinity = affinity.mean(dim=1, keepdim=True).softmax(dim=2)  # (B, 1, P, H, W)
+    for _ in range(steps):
+        logits = (shifted(logits, ring) * affinity).sum(dim=2)  # (B, Q, H, W)
+    return logits
 
 
 # ----------------------------------------------------------------------------- the model
@@ -225,8 +251,10 @@ class ZeroShotSegmenter(nn.Module):
         text, query_class, K = (self.text_embeddings, self.query_class, self.num_classes) if names is None \
             else self.encode(names)
         forward = functools.partial(self, text=text)
+        refine = functools.partial(pamr, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations) if cfg.pamr_steps \
+            else None
         probs = inference.predict(forward, images, mode or cfg.test_mode, cfg.test_crop, cfg.test_stride, out_size,
-                                  ratios, flip)  # (B, Q, H, W) softmax over the text queries
+                                  ratios, flip, refine)  # (B, Q, H, W) softmax over the text queries
         probs = best_synonym(probs, query_class, K)  # (B, K, H, W)
         if names is None and cfg.area_threshold > 0:
             probs = drop_small_classes(probs, cfg.area_threshold, cfg.background)

@@ -14,7 +14,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from peers import openai_clip, tiny_openai_clip
 
-from denseclip import inference
+from denseclip import inference, zeroshot
 from denseclip.checkpoint import load_clip
 from denseclip.errors import ConfigError
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES
@@ -135,6 +135,53 @@ def test_sliding_windows_decide_locally(peer):
     model = fake_model(peer, ["a", "b"], pooled, test_mode="slide", test_crop=4, test_stride=2)
     probs = model.predict(image)[0, :, 0]  # column 2: windows [0, 4) and [2, 6): means (1, 0) and (0.5, 0.3)
     assert torch.allclose(probs[:, 2], torch.tensor([7.5, 1.5], dtype=torch.float64).softmax(0))
+
+
+def pamr_by_convolution(image, logits, steps, dilations):
+    """PAMR written as its reference code structures it: 3 x 3 one-hot kernels at each dilation (replicate
+    padding) give the neighbours; affinities -|x - x_n| / (1e-8 + 0.1 std), mean over channels, softmax over the
+    neighbours; each step a weighted sum of the neighbours' logits."""
+    def kernels(with_centre):
+        ks = []
+        for y in range(3):
+            for x in range(3):
+                if with_centre or (y, x) != (1, 1):
+                    k = torch.zeros(1, 3, 3, dtype=image.dtype)
+                    k[0, y, x] = 1
+                    ks.append(k)
+        return torch.stack(ks)  # (P, 1, 3, 3)
+
+    def neighbours(t, ks):  # (B, C, H, W) -> (B, C, P * len(dilations), H, W)
+        B, C, H, W = t.shape
+        flat = t.reshape(B * C, 1, H, W)
+        out = [F.conv2d(F.pad(flat, [d] * 4, mode="replicate"), ks, dilation=d) for d in dilations]
+        return torch.cat(out, dim=1).view(B, C, -1, H, W)
+
+    std = neighbours(image, kernels(True)).std(dim=2, keepdim=True)
+    centre = image[:, :, None]
+    aff = (-(centre - neighbours(image, kernels(False))).abs() / (1e-8 + 0.1 * std)).mean(1, keepdim=True)
+    aff = aff.softmax(dim=2)
+    for _ in range(steps):
+        logits = (neighbours(logits, kernels(False)) * aff).sum(dim=2)
+    return logits
+
+
+def test_pamr_refines_the_logits_before_the_softmax(peer):
+    """pamr equals the convolution form (non-square, float64, NACLIP's dilations 8 and 16 on a 20 x 27 image, so the
+    replicated edges matter); with pamr_steps the protocol refines the logits at the label's size, before the
+    softmax over the queries."""
+    torch.manual_seed(0)
+    image, lg = torch.randn(2, 3, 20, 27, dtype=torch.float64), torch.randn(2, 4, 20, 27, dtype=torch.float64)
+    ours = zeroshot.pamr(image, lg, steps=3, dilations=(8, 16))
+    assert (ours - pamr_by_convolution(image, lg, 3, (8, 16))).abs().max().item() <= 1e-12
+    assert (ours - lg).abs().max().item() > 0.1
+    small = torch.randn(1, 4, 10, 14, dtype=torch.float64)
+    model = fake_model(peer, ["a", "b", "c", "d"], lambda images: small, test_mode="whole", pamr_steps=2,
+                       pamr_dilations=(1, 2))
+    x = torch.randn(1, 3, 10, 14, dtype=torch.float64)
+    want = pamr_by_convolution(F.interpolate(x, size=(20, 28), mode="bilinear", align_corners=False),
+                               F.interpolate(small, size=(20, 28), mode="bilinear", align_corners=False), 2, (1, 2))
+    assert torch.allclose(model.predict(x, out_size=(20, 28)), want.softmax(1), atol=1e-12)
 
 
 def test_eval_zero_shot_uses_the_same_miou_code(peer, tmp_path):

@@ -40,6 +40,9 @@ def add_zero_shot_args(p: argparse.ArgumentParser, evaluation: bool):
     g.add_argument("--bg-threshold", type=float,
                    help=f"pixels whose best class probability is below this become the background class (default: "
                         f"{BG_THRESHOLD} when the classes have one, the papers' value; else off; 0: off)")
+    g.add_argument("--pamr", type=int, default=0, metavar="STEPS",
+                   help="refine the logits by PAMR, STEPS iterations at dilations 8 and 16 (NACLIP's published runs: "
+                        "10; 0: off)")
     g.add_argument("--area-threshold", type=float, default=0.0,
                    help="SCLIP's area rule: drop a class predicted on at most this share of an image's non-background "
                         "pixels (SCLIP's VOC21: 0.1; 0: off)")
@@ -74,10 +77,10 @@ def build_zero_shot(args, class_names, background: bool, clip=None) -> ZeroShotS
     if threshold > 0 and not background:
         raise ConfigError(f"--bg-threshold {threshold}: these classes have no background class (class 0 "
                           f"{class_names[0]!r}); pass --bg-threshold 0, or list 'background' first")
-    if not 0 <= threshold <= 1 or args.area_threshold < 0 or args.logit_scale <= 0:
-        raise ConfigError("--bg-threshold must be in [0, 1], --area-threshold >= 0 and --logit-scale > 0")
+    if not 0 <= threshold <= 1 or args.area_threshold < 0 or args.logit_scale <= 0 or args.pamr < 0:
+        raise ConfigError("--bg-threshold must be in [0, 1], --area-threshold >= 0, --logit-scale > 0, --pamr >= 0")
     cfg = ZeroShotConfig(args.readout, args.templates, args.mode or "slide", window, args.stride or window // 2,
-                         args.logit_scale, threshold, args.area_threshold)
+                         args.logit_scale, threshold, args.area_threshold, pamr_steps=args.pamr)
     try:
         return ZeroShotSegmenter(clip, class_names, cfg)
     except ValueError as e:
@@ -87,8 +90,9 @@ def build_zero_shot(args, class_names, background: bool, clip=None) -> ZeroShotS
 def describe(model: ZeroShotSegmenter) -> str:
     """One line: what the protocol runs with."""
     c = model.cfg
-    rules = [f"background below p={c.bg_threshold}"] * (c.bg_threshold > 0) + \
-            [f"area rule {c.area_threshold}"] * (c.area_threshold > 0)
+    rules = [text for text, on in ((f"PAMR {c.pamr_steps} steps", c.pamr_steps > 0),
+                                   (f"area rule {c.area_threshold}", c.area_threshold > 0),
+                                   (f"background below p={c.bg_threshold}", c.bg_threshold > 0)) if on]
     return (f"read-out {c.readout}, {len(TEMPLATES[c.templates])} template(s), {model.num_classes} classes "
             f"({len(model.query_class)} text queries), {c.test_mode}"
             f"{f' {c.test_crop}/{c.test_stride}' if c.test_mode == 'slide' else ''}, logit scale {c.logit_scale:g}"
