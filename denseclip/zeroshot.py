@@ -187,7 +187,8 @@ class ZeroShotSegmenter(nn.Module):
     """CLIP's image tower + ensembled text features of the class names (synonyms allowed). model(images) -> logits
     per text query (B, Q, H, W) at input size (Q = K without synonyms); predict(images, ...) -> class probabilities
     by the protocol (module docstring), as the DenseCLIP segmentor's predict. The text tower is kept, so that
-    predict(names=...) and score_logits(names=...) take any other names (open vocabulary, demo.py's score maps)."""
+    predict(names=...) and score_logits(names=...) take any other names (open vocabulary, demo.py's score maps).
+    The CLIP's ViT is shared, not copied: its pos_interpolation is set to cfg's."""
 
     def __init__(self, clip: CLIP, class_names: Sequence[str], cfg: ZeroShotConfig = None):
         super().__init__()
