@@ -130,13 +130,14 @@ def ensemble_text_features(text_encoder: TextEncoder, class_names: Sequence[str]
 
 
 # ----------------------------------------------------------------------------- the protocol's steps
-def best_synonym(probs: torch.Tensor, query_class: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, Q, H, W) query probabilities -> (B, K, H, W): each class the maximum over its queries (its synonyms)."""
-    B, Q, H, W = probs.shape
+def best_synonym(scores: torch.Tensor, query_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, Q, H, W) query probabilities (or logits) -> (B, K, H, W): each class the maximum over its queries."""
+    B, Q, H, W = scores.shape
     if Q == num_classes and bool((query_class == torch.arange(Q, device=query_class.device)).all()):
-        return probs
-    index = query_class.to(probs.device).view(1, Q, 1, 1).expand(B, Q, H, W)
-    return probs.new_zeros(B, num_classes, H, W).scatter_reduce(1, index, probs, reduce="amax")  # (B, K, H, W)
+        return scores
+    index = query_class.to(scores.device).view(1, Q, 1, 1).expand(B, Q, H, W)
+    out = scores.new_full((B, num_classes, H, W), float("-inf"))
+    return out.scatter_reduce(1, index, scores, reduce="amax")  # (B, K, H, W)
 
 
 def drop_small_classes(probs: torch.Tensor, area_threshold: float, background: int = 0) -> torch.Tensor:
@@ -237,10 +238,7 @@ class ZeroShotSegmenter(nn.Module):
         """Class logits (B, K, H, W) at input size: each class its best synonym's logit (names: any other names)."""
         text, query_class, K = (self.text_embeddings, self.query_class, self.num_classes) if names is None \
             else self.encode(names)
-        logits = self(images, text)  # (B, Q, H, W)
-        index = query_class.view(1, -1, 1, 1).expand_as(logits)
-        return logits.new_full((len(images), K, *logits.shape[-2:]), float("-inf")).scatter_reduce(
-            1, index, logits, reduce="amax")  # (B, K, H, W)
+        return best_synonym(self(images, text), query_class, K)  # (B, K, H, W)
 
     @torch.no_grad()
     def predict(self, images, out_size=None, ratios: Sequence[float] = (1.0,), flip: bool = False, mode=None,
