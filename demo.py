@@ -14,6 +14,12 @@ OpenCV's IMREAD_COLOR rules, so grey and palette images become RGB and 16-bit on
 demo feeds the model the pixels eval.py does. Large images are segmented in overlapping windows of the model's test
 crop (slide inference).
 
+Everything is written under --out-dir and nowhere else, and nothing is overwritten that the run reads: the folder
+and the pictures' names are checked before the model is loaded (two images that would give the same picture name,
+or a picture that would replace an input image, are refused). An image that cannot be read (a damaged file, or one
+smaller than 32 pixels on a side, the image encoder's stride) is skipped: the others are still drawn, and the run
+ends by listing the skipped files, with exit status 2.
+
 --classes (open vocabulary) segments with names the model was not trained on: they go through the trained
 contexts, the frozen text encoder and the context decoder, and each pixel takes the name with the highest score
 map value (softmax(s / τ), the path the auxiliary loss trains). The decode head is NOT used then: it has one
@@ -33,20 +39,22 @@ from denseclip import build_model, inference
 from denseclip.checkpoint import load_checkpoint
 from denseclip.configs import CONFIGS, config_names, config_overrides, task_of
 from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
-from denseclip.data.options import HelpFormatter
-from denseclip.data.segmentation import read_class_names
+from denseclip.data.options import MIN_SIDE, HelpFormatter, class_names_arg, name_list
 from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
-from denseclip.errors import run_main
+from denseclip.errors import ConfigError, DataError, MissingFileError, run_main, whole
+from denseclip.language import name_tokens
 from denseclip.progress import progress
 from denseclip.run import visualize
 from denseclip.run.checkpoints import saved_run
+from denseclip.run.outputs import check_out_dir
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="train.py checkpoint, official DenseCLIP .pth, or a (text-free) state dict")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out-dir", default="demo_out", help="the pictures go here, named after the images")
+    p.add_argument("--out-dir", default="demo_out", help="the pictures go here, named after the images (an image "
+                                                         "that cannot be read is skipped, and listed at the end)")
     # Every config name parses, so that a detector gets load_model's message (a detection model) rather than
     # argparse's list; the help names the segmentation configs only.
     p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
@@ -54,11 +62,11 @@ def parse_args(argv=None):
                         f"{config_names(('segmentation',))}")
     p.add_argument("--class-names", help="the model's training classes: a file (one per line) or 'a,b,c' "
                                          "(default: the checkpoint's, else ADE20K's 150)")
-    p.add_argument("--classes", help="open vocabulary: segment with these names (comma-separated) by the score map "
-                                     "(default: the model's classes, by its decode head)")
-    p.add_argument("--score-maps", help="comma-separated class names whose score maps to draw (any names; default: "
-                                        "none)")
-    p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+    p.add_argument("--classes", type=name_list, help="open vocabulary: segment with these names (comma-separated) by "
+                                                     "the score map (default: the model's classes, by its decode head)")
+    p.add_argument("--score-maps", type=name_list, help="comma-separated class names whose score maps to draw (any "
+                                                        "names; default: none)")
+    p.add_argument("--scale", type=whole(MIN_SIDE), nargs=2, metavar=("LONG", "SHORT"),
                    help="resize (keep ratio) to fit these bounds before inference, as the test transform (default: "
                         "the training data's; none for procedural-data models; 2048 512 for official ones)")
     p.add_argument("--no-resize", action="store_true", help="run at the image's own size")
@@ -76,16 +84,17 @@ def load_model(args, device):
     saved, saved_names = run.get("args", {}), run.get("class_names")
     name = args.model or saved.get("model")
     if name is None:
-        raise SystemExit("--model is required for checkpoints not written by train.py")
+        raise ConfigError(f"--model is required for checkpoints not written by train.py ({args.checkpoint} does "
+                          "not say which config it is; an official one: e.g. --model denseclip_r50)")
     if task_of(name) != "segmentation":
-        raise SystemExit(f"demo.py draws segmentations; {name} is a {task_of(name)} model")
-    names = read_class_names(args.class_names if Path(args.class_names or "").is_file() else
-                             args.class_names.split(",")) if args.class_names else saved_names
+        raise ConfigError(f"demo.py draws segmentations; {name} is a {task_of(name)} model (eval.py --show-dir draws "
+                          "its detections)")
+    names = class_names_arg(args.class_names) if args.class_names else saved_names
     overrides = config_overrides(saved.get("overrides", []) + args.overrides)
     model = build_model(name, names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
-        raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor")
+        raise ConfigError(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor")
     scale = None if args.no_resize else args.scale
     if scale is None and not args.no_resize:
         dataset = saved.get("dataset")
@@ -93,18 +102,50 @@ def load_model(args, device):
     return model.to(device).eval(), scale
 
 
-def find_images(items) -> list:
-    paths = []
+def find_images(items, out_dir: Path) -> list:
+    """[(image, the stem of its pictures under out_dir)]: every image file under the folders given, named by its
+    path below that folder (a file given alone: by its name). Refused before anything is read or written: an input
+    that does not exist, no images at all, two images that would write the same pictures, a picture that would
+    replace an input image."""
+    found = []
     for item in map(Path, items):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
         elif item.is_file():
-            paths.append(item)
+            found.append((item, Path(item.name)))
         else:
-            raise SystemExit(f"{item}: no such file or folder")
-    if not paths:
-        raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, items))}")
-    return paths
+            raise MissingFileError(f"{item}: no such file or folder")
+    if not found:
+        raise MissingFileError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, items))}")
+    named, inputs = {}, {p.resolve() for p, _ in found}
+    for path, rel in found:
+        stem = out_dir / rel.with_suffix("")
+        if stem in named:
+            raise ConfigError(f"{named[stem]} and {path} would both be drawn as {stem}.png: give them in separate "
+                              "runs (another --out-dir), or give their folder instead")
+        named[stem] = path
+        clash = [f for f in (f"{stem}.png", f"{stem}_label.png", f"{stem}_scores.png") if Path(f).resolve() in inputs]
+        if clash:
+            raise ConfigError(f"--out-dir {out_dir}: the picture {clash[0]} would replace an input image; pick "
+                              "another --out-dir")
+    return [(path, stem) for stem, path in named.items()]
+
+
+def readable(path: Path, scale, skipped: list):
+    """The photo at `path` as the datasets read it, or None after noting in `skipped` why it cannot be drawn: it
+    does not decode, or is (after the --scale resize) under MIN_SIDE pixels on a side."""
+    try:
+        photo = read_image(path)  # the dataset's reader: the pixels eval.py feeds the model
+    except DataError as e:
+        skipped.append(f"{path} ({e.__cause__ or e})")
+        return None
+    H, W = photo.shape[:2]
+    w, h = (W, H) if scale is None else rescale_size(W, H, tuple(scale))
+    if min(w, h) < MIN_SIDE:
+        skipped.append(f"{path} ({W}x{H} pixels{f', {w}x{h} at --scale {scale[0]} {scale[1]}' if scale else ''}: "
+                       f"under {MIN_SIDE} on a side, the image encoder's stride; enlarge it or pass --scale)")
+        return None
+    return photo
 
 
 @torch.no_grad()
@@ -128,18 +169,21 @@ def segment(model, photo: np.ndarray, device, scale=None, mode=None, names=None,
 
 def main(argv=None):
     args = parse_args(argv)
+    out_dir = check_out_dir(args.out_dir, "--out-dir")  # where it writes, and what: before the model is loaded
+    images = find_images(args.images, out_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, scale = load_model(args, device)
-    names = [n.strip() for n in args.classes.split(",")] if args.classes else None
-    score_names = [n.strip() for n in args.score_maps.split(",")] if args.score_maps else None
+    names, score_names = args.classes, args.score_maps
+    for asked in (names, score_names):
+        if asked:
+            name_tokens(model, asked)  # a name over the token budget (or a text-free model): before any image
     class_names = names or model.class_names
     pal = visualize.palette()
-    roots = [Path(i) for i in args.images]
-    out_dir, written = Path(args.out_dir), []
-    for path in progress(find_images(args.images), "demo"):
-        root = next((r for r in roots if r.is_dir() and r in path.parents), path.parent)
-        stem = out_dir / path.relative_to(root).with_suffix("")
-        photo = read_image(path)  # the dataset's reader: the pixels eval.py feeds the model
+    written, skipped = [], []
+    for path, stem in progress(images, "demo"):
+        photo = readable(path, scale, skipped)
+        if photo is None:
+            continue
         pred, scores = segment(model, photo, device, scale, args.mode, names, score_names)
         picture, legend = visualize.prediction_picture(photo, pred, class_names, pal)
         visualize.save_png(picture, f"{stem}.png", legend=legend)
@@ -149,6 +193,9 @@ def main(argv=None):
             picture, value_range = visualize.score_picture(photo, scores, score_names)
             visualize.save_png(picture, f"{stem}_scores.png", names=score_names, range=value_range)
     print(f"wrote {len(written)} picture(s) to {out_dir}")
+    if skipped:
+        raise DataError(f"skipped {len(skipped)} of {len(images)} image(s) that cannot be drawn: " +
+                        "; ".join(skipped[:10]) + (f"; ... ({len(skipped) - 10} more)" if len(skipped) > 10 else ""))
     return written
 
 

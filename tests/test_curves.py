@@ -41,5 +41,5 @@ def test_tensorboard_logs_what_log_jsonl_says_and_plot_log_draws_it(tmp_path):
 
 def test_tensorboard_missing_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match="pip install tensorboard"):
+    with pytest.raises(ImportError, match="pip install tensorboard"):  # MissingPackageError: exit 2
         tensorboard_writer(tmp_path)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from denseclip.errors import DataError, MissingFileError, run_main
+from denseclip.run.outputs import check_out_file
+
 PANEL_W, PANEL_H = 420, 240  # one panel's size in pixels
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 20, 26  # plot margins: room for the tick labels and the title
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -21,7 +24,15 @@ GRID, AXIS, TEXT = (225, 225, 225), (90, 90, 90), (0, 0, 0)
 
 def read_log(path: Path) -> list:
     path = path / "log.jsonl" if path.is_dir() else path
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such file (give a run folder that holds log.jsonl, or the file itself)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not a JSON record ({e.msg}); was the file cut or edited?") from None
+    return records
 
 
 def series(records: list, key: str, scale: float = 1.0):
@@ -97,10 +108,11 @@ def main(argv=None):
     paths = [Path(r) for r in args.runs]
     runs = {(q if q.is_dir() else q.parent).name or str(q): read_log(q) for q in paths}
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "curves.png"
+    check_out_file(out, "--out")
     plot(runs).save(out)
     print(f"wrote {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
