@@ -17,6 +17,8 @@ GPUs reaches the global batch (issues #13, #30), a frozen text encoder that is n
 (issue #28), and checkpoints that resume bit-exactly (data position and every RNG state included).
 Detection runs the same loop with mmdet's 1x recipe: step schedule by epoch (`step_lr_at`), gradient clipping at
 max-norm 0.1, 2 images x 8 GPUs, evaluation with COCOeval.
+Ctrl-C or SIGTERM (a scheduler's preemption) ends the step under way, saves a checkpoint of it and stops with one
+line (exit status 130 / 143); --resume auto continues from it bit-exactly (run/step.py: StopSignals).
 """
 import argparse
 import contextlib

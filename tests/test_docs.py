@@ -260,6 +260,7 @@ def script_main(path: str):
 def test_documented_command_runs(command, project, monkeypatch):
     words, extra = shlex.split(command), SMOKE[command]
     monkeypatch.chdir(project)
+    shutil.rmtree(project / "runs/smoke", ignore_errors=True)  # a fresh run each: train.py refuses another's folder
     if words[0] == "pip":
         out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
                               "--no-index", *[w.replace(".", str(ROOT), 1) if w.startswith(".") else w

@@ -140,6 +140,16 @@ def test_every_entry_point_ends_in_run_main():
         assert (ROOT / path).read_text().rstrip().endswith('if __name__ == "__main__":\n    run_main(main)'), path
 
 
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    def pressed():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        run_main(pressed)
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C): stopped here; what was written so far stays\n"
+
+
 def test_demo_classes_and_score_maps(ckpt, tmp_path, capsys):
     model, photos = ckpt
     base = [str(model), str(photos / "good.jpg"), "--out-dir", str(tmp_path / "out")]

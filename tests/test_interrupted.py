@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from denseclip.run.step import StopSignals  # noqa: E402
 
 # Dropout on, 2 accumulation steps per iteration, a checkpoint every 2 of 4 iterations.
 ARGS = ["--crop-size", "32", "--batch-size", "2", "--global-batch", "4", "--iters", "4", "--save-interval", "2",
@@ -119,6 +120,21 @@ def test_a_signal_saves_at_the_step_boundary_and_resumes_bit_exactly(request, tm
     assert sorted(p.name for p in out.glob("iter_*")) == ["iter_000002.pt", "iter_000003.pt"]
     assert load(out / "iter_000003.pt")["iter"] == 3  # at most the step the signal came in was at risk: none lost
     resumes_bit_exactly(out, request.getfixturevalue(reference), args)
+
+
+def test_ctrl_c_twice_stops_at_once_but_one_ctrl_c_seen_twice_does_not():
+    """Under torchrun a rank gets the terminal's SIGINT and torchrun's copy within milliseconds: that is one Ctrl-C.
+    A second one, a second or more later, is the user insisting: KeyboardInterrupt (run_main: exit status 130)."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # noted already: the first signal is the one reported
+        assert stop.received(1, torch.device("cpu")) == signal.SIGINT
+        stop.since -= StopSignals.REPEAT_S  # as if a second had passed
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def resumes_bit_exactly(out: Path, reference: dict, args=ARGS):

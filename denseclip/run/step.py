@@ -3,6 +3,7 @@
 import contextlib
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -42,21 +43,25 @@ def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
 class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM are noted instead of ending the process, so that the
     training loop can finish its step, save a checkpoint and stop (`received`, asked at every step boundary); a
-    second Ctrl-C stops at once (KeyboardInterrupt: what was saved before stays). Schedulers send SIGTERM before they
-    preempt a job (torchrun passes it on to every rank and waits --shutdown-timeout seconds, 30 by default, before
-    SIGKILL). Outside the main thread, where Python cannot handle signals, nothing changes."""
+    second Ctrl-C, a second or more after the first, stops at once (KeyboardInterrupt: what was saved before stays).
+    Sooner it is the same Ctrl-C again: under torchrun a rank gets the terminal's SIGINT and torchrun's copy of it.
+    Schedulers send SIGTERM before they preempt a job (torchrun passes it on to every rank and waits
+    --shutdown-timeout seconds, 30 by default, before SIGKILL). Outside the main thread, where Python cannot handle
+    signals, nothing changes."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 1.0  # a second SIGINT this much later is the user pressing Ctrl-C again
 
     def __enter__(self):
-        self.signum, self.previous = 0, {}
+        self.signum, self.since, self.previous = 0, 0.0, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
         return self
 
     def _note(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if signum == signal.SIGINT == self.signum and time.monotonic() - self.since >= self.REPEAT_S:
             raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the step
-        self.signum = self.signum or signum
+        if not self.signum:
+            self.signum, self.since = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
