@@ -27,7 +27,7 @@ import torch.distributed as dist
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint, load_clip
 from denseclip.clip import READOUTS
-from denseclip.configs import CONFIGS, DenseCLIPConfig, config_names, config_overrides
+from denseclip.configs import CONFIGS, DenseCLIPConfig, check_config, config_names, config_overrides
 from denseclip.language import name_tokens
 from denseclip.data.options import HelpFormatter, add_data_args, name_list
 from denseclip.errors import ConfigError, UserError, number, run_main, whole
@@ -137,8 +137,9 @@ def trained_model(args, task):
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     if args.from_checkpoint:
         print0("options taken from the checkpoint: " + inherited(args.from_checkpoint))
+    cfg = check_config(replace(CONFIGS[args.model](), **overrides))  # --set values: before the data is read
     print0(task.check_data(args, splits=("val",)))
-    dataset = task.dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
+    dataset = task.dataset(args, "val", cfg)
     model = build_model(args.model, dataset.class_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":

@@ -33,7 +33,7 @@ from torch import nn
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, config_names, config_overrides
+from denseclip.configs import CONFIGS, check_config, config_names, config_overrides
 from denseclip.data.options import HelpFormatter, add_data_args
 from denseclip.errors import ConfigError, number, require_file, require_package, run_main, whole
 from denseclip.language import text_once_per_step
@@ -165,7 +165,7 @@ def accumulation(args, world: int, device: torch.device) -> int:
 def model_config(args):
     """(config, --set overrides) of --model; a ViT's crop must be a whole number of patches."""
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
-    cfg = replace(CONFIGS[args.model](), **overrides)
+    cfg = check_config(replace(CONFIGS[args.model](), **overrides))  # --set values: before the data is read
     crop = args.crop_size or cfg.input_resolution
     if cfg.backbone == "vit" and crop % cfg.patch_size:
         raise ConfigError(f"--crop-size {crop} is not a multiple of the ViT patch size {cfg.patch_size}")

@@ -168,6 +168,7 @@ def test_bad_set_and_missing_or_empty_checkpoints(ckpt, tmp_path, capsys, path):
     if path == "train.py":
         refused(path, [*TINY, "--set", "tua=0.07", "--out-dir", str(tmp_path / "run")], capsys, tmp_path, "tua=0.07",
                 "FIELD=VALUE")
+        refused(path, [*TINY, "--set", "tau=-1"], capsys, tmp_path, "tau=-1", "must be positive")
         refused(path, [*TINY, "--resume", str(tmp_path / "gone.pt")], capsys, tmp_path, "--resume", "gone.pt")
         return
     refused(path, [str(model), *pictures, "--set", "tau"], capsys, tmp_path, "--set 'tau'", "FIELD=VALUE")
