@@ -1,0 +1,75 @@
+"""The web demo (`python demo.py CKPT --serve`): a Gradio page over demo.py's pictures. Upload an image, type class
+names, and see the prediction over the photo with its legend (visualize.segmentation_picture), the legend as a
+table, and optionally the score maps of the names (visualize.score_picture).
+
+A thin layer: everything it shows comes from the `explain(path, names, score_maps)` callable that demo.py passes in
+(its model, prediction and drawing: the same pictures demo.py writes), so this file knows only Gradio. Gradio is an
+optional dependency (`pip install -e ".[web]"`), imported when the page is built. The one endpoint, `/segment`,
+is also an API: gradio_client's `Client(url).predict(handle_file(path), "cat, dog", True, api_name="/segment")`
+returns the picture's file, the legend table and the score-map picture's file (tests/test_web.py).
+
+No upstream counterpart: the official DenseCLIP has no demo; Gradio is what the field's demos run on.
+"""
+import os
+from typing import Callable
+
+LEGEND_HEADERS = ["class", "colour", "share of pixels"]
+
+
+def import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a demo on a laptop sends nothing anywhere
+    try:
+        import gradio
+    except ImportError:
+        raise SystemExit('error: the web demo needs Gradio: pip install -e ".[web]"  (or pip install gradio)') from None
+    return gradio
+
+
+def legend_rows(legend: list) -> list:
+    """visualize's legend entries as table rows: name, colour as #rrggbb, share of pixels in %."""
+    return [[e["name"], "#%02x%02x%02x" % tuple(e["colour"]), f"{100 * e['share']:.1f}%"] for e in legend]
+
+
+def split_names(text: str) -> list:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def build_app(explain: Callable, default_names: str, title: str):
+    """The page: image, class names and a score-map switch in; picture, legend table and score maps out."""
+    gr = import_gradio()
+
+    def segment(path, names_text, score_maps):
+        if not path:
+            raise gr.Error("upload an image first")
+        try:
+            res = explain(path, split_names(names_text) or None, bool(score_maps))
+        except (ValueError, SystemExit) as e:  # e.g. names too long for the text encoder, a text-free export
+            raise gr.Error(str(e)) from None
+        return res.picture, legend_rows(res.info["legend"]), res.scores
+
+    with gr.Blocks(title="DenseCLIP demo") as app:
+        gr.Markdown(f"## DenseCLIP: {title}\nUpload an image, type the class names to segment with (comma-separated;"
+                    " the model's own classes use its decode head, other names its pixel-text score map), and "
+                    "press *segment*.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="image")
+                names = gr.Textbox(value=default_names, label="class names (comma-separated)", lines=2)
+                score_maps = gr.Checkbox(value=False, label="also draw the score map of each name")
+                button = gr.Button("segment", variant="primary")
+            with gr.Column(scale=2):
+                picture = gr.Image(type="pil", format="png", label="prediction", interactive=False)
+                legend = gr.Dataframe(headers=LEGEND_HEADERS, label="legend", interactive=False)
+                scores = gr.Image(type="pil", format="png", label="score maps (cosine, one shared range)",
+                                  interactive=False)
+        button.click(segment, [image, names, score_maps], [picture, legend, scores], api_name="segment")
+    return app
+
+
+def serve(explain: Callable, default_names: str, title: str, host: str = "127.0.0.1", port: int = 7860,
+          block: bool = True):
+    """Build the page and serve it on host:port; block=False returns the running app (tests close it)."""
+    app = build_app(explain, default_names, title)
+    print(f"serving the DenseCLIP demo on http://{host}:{port} (Ctrl+C stops it)")
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True)
+    return app
