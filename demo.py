@@ -88,7 +88,7 @@ def parse_args(argv=None):
                                                         "pictures: upload an image, type class names")
     g.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=7860, help="port to serve on")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # images may follow options, although none are needed with --serve
     if not args.images and not args.serve:
         p.error("give image files or folders, or --serve")
     return args
