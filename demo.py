@@ -223,14 +223,16 @@ def split_names(text: Optional[str]):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.serve:
+        from denseclip.run import web
+        web.import_gradio()  # before the model loads: a missing package is said at once
     model, scale, title = load_model(args, device)
     names, score_names = split_names(args.classes), split_names(args.score_maps)
     if args.serve:
-        from denseclip.run import web  # gradio, only here
 
-        def show(path: str, typed, score_maps: bool) -> Explained:
+        def show(path: str, typed, typed_score_names) -> Explained:
             return explain(model, read_image(path), device, (*title, f"image {Path(path).name}"), scale, args.mode,
-                           typed or names, (typed or names or model.class_names) if score_maps else None)
+                           typed or names, typed_score_names)
         return web.serve(show, ", ".join(names or model.class_names), " | ".join(title), args.host, args.port)
     roots = [Path(i) for i in args.images]
     out_dir, written, images = Path(args.out_dir), [], find_images(args.images)

@@ -2,10 +2,7 @@
 gradio_client as a user's script would: the picture it returns is the one demo.py writes for the same image and
 names (legend table included), for the model's own classes, open-vocabulary names and zero-shot CLIP weights."""
 import json
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from PIL import Image
 
 from denseclip import build_model
 from denseclip.data.procedural import SHAPE_CLASSES, render_shapes
+from denseclip.errors import run_main
 from denseclip.run import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,34 +22,15 @@ sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(argv, tmp, monkeypatch):
-    """demo.main(argv + --serve) in a daemon thread; a client once its port answers (at most 60 s)."""
-    import gradio
-
+    """demo.main(argv + --serve) in a thread on a free port; (client, thread) once the port answers."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-    port = free_port()
-    thread = threading.Thread(target=demo.main, args=([*argv, "--serve", "--port", str(port)],), daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.time() < deadline and thread.is_alive(), "the web demo did not start"
-            time.sleep(0.1)
-    return Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp / "downloads")), gradio, thread
+    port, thread = web.start_in_thread(lambda port: demo.main([*argv, "--serve", "--port", str(port)]))
+    return Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp / "downloads")), thread
 
 
-def stop(gradio, thread):
-    gradio.close_all()  # the server's blocking loop ends with it
-    thread.join(10)
+def stop(thread):
+    web.stop(thread)
     assert not thread.is_alive()
 
 
@@ -85,33 +64,37 @@ def check_answer(answer, expected_picture, expected_legend):
 
 def test_served_model_answers_as_demo_writes(files, tmp_path, monkeypatch):
     ckpt = str(files / "model.pt")
-    client, gradio, thread = serve([ckpt], tmp_path, monkeypatch)
+    client, thread = serve([ckpt], tmp_path, monkeypatch)
     try:
-        own = client.predict(handle_file(files / "shapes.png"), ", ".join(SHAPE_CLASSES), True, api_name="/segment")
-        check_answer(own, *written_by_demo([ckpt], files, "own"))  # the model's classes: its decode head
-        score_maps = Image.open(own[2])
-        assert score_maps.height == 16 + 96 and score_maps.width > (len(SHAPE_CLASSES) + 1) * 96  # photo + maps
+        own = client.predict(handle_file(files / "shapes.png"), ", ".join(SHAPE_CLASSES), "circle, kettle",
+                             api_name="/segment")
+        check_answer(own, *written_by_demo([ckpt, "--score-maps", "circle,kettle"], files, "own"))  # decode head
+        score_maps = np.asarray(Image.open(own[2]).convert("RGB"))
+        assert np.array_equal(score_maps, np.asarray(Image.open(files / "own" / "shapes_scores.png").convert("RGB")))
         names = "disc, box, sky"  # open vocabulary
-        new = client.predict(handle_file(files / "shapes.png"), names, False, api_name="/segment")
+        new = client.predict(handle_file(files / "shapes.png"), names, "", api_name="/segment")
         check_answer(new, *written_by_demo([ckpt, "--classes", names], files, "open"))
         assert new[2] is None  # no score maps asked for
     finally:
-        stop(gradio, thread)
+        stop(thread)
 
 
 def test_served_zero_shot_clip(files, tmp_path, monkeypatch):
     argv = [str(files / "clip.pt"), "--zero-shot", "--classes", "circle,ring"]
-    client, gradio, thread = serve(argv, tmp_path, monkeypatch)
+    client, thread = serve(argv, tmp_path, monkeypatch)
     try:
-        answer = client.predict(handle_file(files / "shapes.png"), "", False, api_name="/segment")  # --classes
+        answer = client.predict(handle_file(files / "shapes.png"), "", "", api_name="/segment")  # --classes
         check_answer(answer, *written_by_demo(argv, files, "zero"))
         picture = Image.open(answer[0])
         assert picture.width > 96 * 4  # the enlarged photo and its legend
     finally:
-        stop(gradio, thread)
+        stop(thread)
 
 
-def test_missing_gradio_is_a_clear_message(monkeypatch):
+def test_missing_gradio_is_a_clear_message(files, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match=r'pip install -e "\.\[web\]"'):
-        web.import_gradio()
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: demo.main([str(files / "model.pt"), "--serve"]))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the web demo (demo.py --serve) needs the gradio package") and '".[web]"' in err
