@@ -19,6 +19,7 @@ from typing import Callable
 from ..errors import require_package
 
 LEGEND_HEADERS = ["class", "colour", "share of pixels"]
+SERVING = threading.Event()  # set by serve() once its page answers (start_in_thread waits for it)
 
 
 def import_gradio():
@@ -67,12 +68,13 @@ def build_app(explain: Callable, default_names: str, title: str):
     return app
 
 
-def serve(explain: Callable, default_names: str, title: str, host: str = "127.0.0.1", port: int = 7860,
-          block: bool = True):
-    """Build the page and serve it on host:port; block=False returns the running app (tests close it)."""
+def serve(explain: Callable, default_names: str, title: str, host: str = "127.0.0.1", port: int = 7860):
+    """Build the page and serve it on host:port until Ctrl+C (or stop()); returns the app."""
     app = build_app(explain, default_names, title)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True)
     print(f"serving the DenseCLIP demo on http://{host}:{port} (Ctrl+C stops it)")
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True)
+    SERVING.set()  # launch has checked that the page answers: a client may come
+    app.block_thread()
     return app
 
 
@@ -85,19 +87,16 @@ def free_port() -> int:
 
 def start_in_thread(run: Callable[[int], object], timeout: float = 120.0):
     """(port, thread): run(port) in a daemon thread (e.g. demo.main with --serve --port PORT) on a free local port,
-    returned once the port answers; for tests and scripts that drive the served page. stop() ends it."""
+    returned once serve() has the page up; for tests and scripts that drive the served page. stop() ends it."""
     port = free_port()
+    SERVING.clear()
     thread = threading.Thread(target=run, args=(port,), daemon=True)
     thread.start()
     deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return port, thread
-        except OSError:
-            if time.time() > deadline or not thread.is_alive():
-                raise RuntimeError("the web demo did not start (see its messages above)") from None
-            time.sleep(0.1)
+    while not SERVING.wait(0.1):
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the web demo did not start (see its messages above)")
+    return port, thread
 
 
 def stop(thread: threading.Thread):
