@@ -45,7 +45,7 @@ from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
 from denseclip.data.options import HelpFormatter
 from denseclip.data.segmentation import read_class_names
 from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
-from denseclip.errors import run_main
+from denseclip.errors import ConfigError, run_main
 from denseclip.progress import progress
 from denseclip.run import visualize
 from denseclip.run.checkpoints import saved_run
@@ -111,7 +111,7 @@ class ZeroShot:
     def segmenter(self, names=None) -> ZeroShotSegmenter:
         names = list(names or self.class_names)
         if not names:
-            raise ValueError("zero-shot segmentation needs class names (--classes 'a,b,c')")
+            raise ConfigError("zero-shot segmentation needs class names (--classes 'a,b,c')")
         if names != self.names:
             self.names, self.model = names, ZeroShotSegmenter(self.clip, names, self.cfg).eval()
         return self.model
