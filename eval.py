@@ -21,6 +21,7 @@ import argparse
 import re
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -65,9 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--aug-test", action="store_true", help=f"multi-scale {AUG_RATIOS} + flip, as the official")
     p.add_argument("--ratios", type=number(above=0), nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also average over horizontally flipped images")
-    p.add_argument("--show-dir", help="segmentation: write colourised predictions (palette PNGs named after the "
-                                      "images) here; detection: the images with boxes, class names, scores (and "
-                                      "mask outlines) drawn over them (default: no pictures)")
+    p.add_argument("--show-dir", help="write a picture of each prediction here, named after the image: the photo "
+                                      "with the segmentation blended over it (detection: boxes, names, scores and "
+                                      "masks), a title and a legend of the classes; segmentation also NAME_label.png, "
+                                      "whose pixel values are the class indices (default: no pictures)")
     p.add_argument("--score-maps", metavar="NAMES", type=name_list, help="with --show-dir: also draw the score maps "
                    "of these classes (comma-separated, any names) for the first --score-map-images images (see "
                    "demo.py; default: none)")
@@ -182,7 +184,8 @@ def main(argv=None):
     how = ", ".join(f"{k} {v}" for k, v in test.items())
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images"
            f"{': ' + how if how else ''}, {world} process(es)")
-    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, **test)
+    title = (f"model {args.model}", f"checkpoint {Path(args.checkpoint).name}")
+    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, title, **test)
     res = metric.compute()
     print0(metric.format_table(dataset.class_names))
     if args.out and rank == 0:

@@ -35,8 +35,8 @@ from denseclip.run.outputs import inside  # noqa: E402
 
 TINY = ["--crop-size", "32", "--batch-size", "2", "--val-size", "2", "--workers", "0", "--eval-interval", "0",
         "--set", "test_mode=whole"]
-ENTRY_POINTS = ("train.py", "eval.py", "demo.py", "tools/export.py", "tools/plot_log.py", "tools/random_clip.py",
-                "denseclip/data/preflight.py")
+ENTRY_POINTS = ("train.py", "eval.py", "demo.py", "denseclip/data/preflight.py",
+                *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tools").glob("*.py")))
 
 
 def script(path: str):

@@ -30,10 +30,11 @@ def image_name(dataset, index: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None, **test):
+def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None, show_title=(), **test):
     """The task's metric of `model` on `dataset` (segmentation: a metrics.ConfusionMatrix, detection: a
     coco_eval.CocoEvaluator), summed over all ranks. test: the task's test options (segmentation: mode, ratios,
-    flip). show_dir: also write the task's picture of each prediction there, named after the image."""
+    flip). show_dir: also write the task's pictures of each prediction there (task.show), named after the image,
+    titled show_title (e.g. model and checkpoint) and the image's name."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
@@ -47,8 +48,7 @@ def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None,
             output = task.predict(model, images, targets, **test)
         task.update(metric, index, output, targets)
         if show_dir:
-            path = Path(show_dir) / image_name(dataset, index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            task.picture(images, output, dataset).save(path)
+            name = image_name(dataset, index)
+            task.show(images, output, dataset, Path(show_dir) / name, (*show_title, f"image {name}"))
     metric.reduce_from_all_processes()
     return metric
