@@ -17,6 +17,12 @@ OpenCV's IMREAD_COLOR rules, so grey and palette images become RGB and 16-bit on
 demo feeds the model the pixels eval.py does. Large images are segmented in overlapping windows of the model's test
 crop (slide inference).
 
+Everything is written under --out-dir and nowhere else, and nothing is overwritten that the run reads: the folder
+and the pictures' names are checked before the model is loaded (two images that would give the same picture name,
+or a picture that would replace an input image, are refused). An image that cannot be read (a damaged file, or one
+smaller than 32 pixels on a side, the image encoder's stride) is skipped: the others are still drawn, and the run
+ends by listing the skipped files, with exit status 2.
+
 --classes (open vocabulary) segments with names the model was not trained on: they go through the trained
 contexts, the frozen text encoder and the context decoder, and each pixel takes the name with the highest score
 map value (softmax(s / τ), the path the auxiliary loss trains). The decode head is NOT used then: it has one
@@ -42,13 +48,14 @@ from denseclip.checkpoint import load_checkpoint, load_clip
 from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, config_names, config_overrides, task_of
 from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
-from denseclip.data.options import HelpFormatter
-from denseclip.data.segmentation import read_class_names
+from denseclip.data.options import MIN_SIDE, HelpFormatter, class_names_arg, name_list
 from denseclip.data.transforms import normalize, rescale_size, resize_image, to_tensor
-from denseclip.errors import ConfigError, run_main
+from denseclip.errors import ConfigError, DataError, MissingFileError, run_main, whole
+from denseclip.language import name_tokens
 from denseclip.progress import progress
 from denseclip.run import visualize
 from denseclip.run.checkpoints import saved_run
+from denseclip.run.outputs import check_out_dir
 from denseclip.zeroshot import ZeroShotConfig, ZeroShotSegmenter
 
 
@@ -57,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="train.py checkpoint, official DenseCLIP .pth, or a (text-free) state dict; "
                                       "with --zero-shot an OpenAI CLIP file")
     p.add_argument("images", nargs="*", help="image files and/or folders (searched recursively; none with --serve)")
-    p.add_argument("--out-dir", default="demo_out", help="the pictures go here, named after the images")
+    p.add_argument("--out-dir", default="demo_out", help="the pictures go here, named after the images (an image "
+                                                         "that cannot be read is skipped, and listed at the end)")
     # Every config name parses, so that a detector gets load_model's message (a detection model) rather than
     # argparse's list; the help names the segmentation configs only.
     p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
@@ -65,11 +73,11 @@ def parse_args(argv=None):
                         f"{config_names(('segmentation',))}")
     p.add_argument("--class-names", help="the model's training classes: a file (one per line) or 'a,b,c' "
                                          "(default: the checkpoint's, else ADE20K's 150)")
-    p.add_argument("--classes", help="open vocabulary: segment with these names (comma-separated) by the score map "
-                                     "(default: the model's classes, by its decode head)")
-    p.add_argument("--score-maps", help="comma-separated class names whose score maps to draw (any names; default: "
-                                        "none)")
-    p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+    p.add_argument("--classes", type=name_list, help="open vocabulary: segment with these names (comma-separated) by "
+                                                     "the score map (default: the model's classes, by its decode head)")
+    p.add_argument("--score-maps", type=name_list, help="comma-separated class names whose score maps to draw (any "
+                                                        "names; default: none)")
+    p.add_argument("--scale", type=whole(MIN_SIDE), nargs=2, metavar=("LONG", "SHORT"),
                    help="resize (keep ratio) to fit these bounds before inference, as the test transform (default: "
                         "the training data's; none for procedural-data models and --zero-shot; 2048 512 for "
                         "official ones)")
@@ -87,7 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--serve", action="store_true", help="serve the model on a web page (Gradio) instead of writing "
                                                         "pictures: upload an image, type class names")
     g.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=7860, help="port to serve on")
+    g.add_argument("--port", type=whole(1, 65535), default=7860, help="port to serve on")
     args = p.parse_intermixed_args(argv)  # images may follow options, although none are needed with --serve
     if not args.images and not args.serve:
         p.error("give image files or folders, or --serve")
@@ -123,10 +131,9 @@ class ZeroShot:
 def load_model(args, device):
     """(model, scale, title): the segmentor (or ZeroShot), the resize bounds of its test transform, and how the
     pictures name it."""
-    names = read_class_names(args.class_names if Path(args.class_names or "").is_file() else
-                             args.class_names.split(",")) if args.class_names else None
+    names = class_names_arg(args.class_names) if args.class_names else None
     if args.zero_shot:
-        classes = [n.strip() for n in args.classes.split(",")] if args.classes else names
+        classes = args.classes or names
         model = ZeroShot(load_clip(args.checkpoint), classes, args.readout)
         title = (f"model zero-shot CLIP ({args.readout})", f"checkpoint {Path(args.checkpoint).name}")
         return model.to(device), None if args.no_resize else args.scale, title
@@ -134,15 +141,17 @@ def load_model(args, device):
     saved, saved_names = run.get("args", {}), run.get("class_names")
     name = args.model or saved.get("model")
     if name is None:
-        raise SystemExit("--model is required for checkpoints not written by train.py")
+        raise ConfigError(f"--model is required for checkpoints not written by train.py ({args.checkpoint} does "
+                          "not say which config it is; an official one: e.g. --model denseclip_r50)")
     if task_of(name) != "segmentation":
-        raise SystemExit(f"demo.py draws segmentations; {name} is a {task_of(name)} model")
+        raise ConfigError(f"demo.py draws segmentations; {name} is a {task_of(name)} model (eval.py --show-dir draws "
+                          "its detections)")
     overrides = config_overrides(saved.get("overrides", []) + args.overrides)
     model = build_model(name, names or saved_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
-        raise SystemExit(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor"
-                         + ("; --zero-shot segments with them" if report.kind == "clip" else ""))
+        raise ConfigError(f"{args.checkpoint} holds {report.kind} weights, not a trained segmentor"
+                          + ("; --zero-shot segments with them" if report.kind == "clip" else ""))
     scale = None if args.no_resize else args.scale
     if scale is None and not args.no_resize:
         dataset = saved.get("dataset")
@@ -150,18 +159,50 @@ def load_model(args, device):
     return model.to(device).eval(), scale, (f"model {name}", f"checkpoint {Path(args.checkpoint).name}")
 
 
-def find_images(items) -> list:
-    paths = []
+def find_images(items, out_dir: Path) -> list:
+    """[(image, the stem of its pictures under out_dir)]: every image file under the folders given, named by its
+    path below that folder (a file given alone: by its name). Refused before anything is read or written: an input
+    that does not exist, no images at all, two images that would write the same pictures, a picture that would
+    replace an input image."""
+    found = []
     for item in map(Path, items):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
         elif item.is_file():
-            paths.append(item)
+            found.append((item, Path(item.name)))
         else:
-            raise SystemExit(f"{item}: no such file or folder")
-    if not paths:
-        raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, items))}")
-    return paths
+            raise MissingFileError(f"{item}: no such file or folder")
+    if not found:
+        raise MissingFileError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, items))}")
+    named, inputs = {}, {p.resolve() for p, _ in found}
+    for path, rel in found:
+        stem = out_dir / rel.with_suffix("")
+        if stem in named:
+            raise ConfigError(f"{named[stem]} and {path} would both be drawn as {stem}.png: give them in separate "
+                              "runs (another --out-dir), or give their folder instead")
+        named[stem] = path
+        clash = [f for f in (f"{stem}.png", f"{stem}_label.png", f"{stem}_scores.png") if Path(f).resolve() in inputs]
+        if clash:
+            raise ConfigError(f"--out-dir {out_dir}: the picture {clash[0]} would replace an input image; pick "
+                              "another --out-dir")
+    return [(path, stem) for stem, path in named.items()]
+
+
+def readable(path: Path, scale, skipped: list):
+    """The photo at `path` as the datasets read it, or None after noting in `skipped` why it cannot be drawn: it
+    does not decode, or is (after the --scale resize) under MIN_SIDE pixels on a side."""
+    try:
+        photo = read_image(path)  # the dataset's reader: the pixels eval.py feeds the model
+    except DataError as e:
+        skipped.append(f"{path} ({e.__cause__ or e})")
+        return None
+    H, W = photo.shape[:2]
+    w, h = (W, H) if scale is None else rescale_size(W, H, tuple(scale))
+    if min(w, h) < MIN_SIDE:
+        skipped.append(f"{path} ({W}x{H} pixels{f', {w}x{h} at --scale {scale[0]} {scale[1]}' if scale else ''}: "
+                       f"under {MIN_SIDE} on a side, the image encoder's stride; enlarge it or pass --scale)")
+        return None
+    return photo
 
 
 def cosine_scores(model, names):
@@ -216,39 +257,43 @@ def explain(model, photo: np.ndarray, device, title=(), scale=None, mode=None, n
     return out
 
 
-def split_names(text: Optional[str]):
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.serve:
         from denseclip.run import web
         web.import_gradio()  # before the model loads: a missing package is said at once
+    else:  # where it writes, and what: before the model is loaded
+        out_dir = check_out_dir(args.out_dir, "--out-dir")
+        images = find_images(args.images, out_dir)
     model, scale, title = load_model(args, device)
-    names, score_names = split_names(args.classes), split_names(args.score_maps)
+    names, score_names = args.classes, args.score_maps
+    for asked in (names, score_names) if not isinstance(model, ZeroShot) else ():
+        if asked:
+            name_tokens(model, asked)  # a name over the token budget (or a text-free model): before any image
     if args.serve:
 
         def show(path: str, typed, typed_score_names) -> Explained:
             return explain(model, read_image(path), device, (*title, f"image {Path(path).name}"), scale, args.mode,
                            typed or names, typed_score_names)
         return web.serve(show, ", ".join(names or model.class_names), " | ".join(title), args.host, args.port)
-    roots = [Path(i) for i in args.images]
-    out_dir, written, images = Path(args.out_dir), [], find_images(args.images)
-    for path in progress(images, "demo"):
-        root = next((r for r in roots if r.is_dir() and r in path.parents), path.parent)
-        stem = out_dir / path.relative_to(root).with_suffix("")
-        photo = read_image(path)  # the dataset's reader: the pixels eval.py feeds the model
-        res = explain(model, photo, device, (*title, f"image {path.relative_to(root).as_posix()}"), scale,
-                      args.mode, names, score_names)
+    written, skipped = [], []
+    for path, stem in progress(images, "demo"):
+        photo = readable(path, scale, skipped)
+        if photo is None:
+            continue
+        shown = f"image {stem.relative_to(out_dir).as_posix()}{path.suffix}"  # its path below the folder given
+        res = explain(model, photo, device, (*title, shown), scale, args.mode, names, score_names)
         visualize.save_png(res.picture, f"{stem}.png", **res.info)
         visualize.label_png(res.pred, len(names or model.class_names)).save(f"{stem}_label.png")
         written += [f"{stem}.png", f"{stem}_label.png"]
         if res.scores is not None:
             visualize.save_png(res.scores, f"{stem}_scores.png", **res.score_info)
             written.append(f"{stem}_scores.png")
-    print(f"wrote {len(written)} file(s) for {len(images)} image(s) to {out_dir}")
+    print(f"wrote {len(written)} file(s) for {len(images) - len(skipped)} image(s) to {out_dir}")
+    if skipped:
+        raise DataError(f"skipped {len(skipped)} of {len(images)} image(s) that cannot be drawn: " +
+                        "; ".join(skipped[:10]) + (f"; ... ({len(skipped) - 10} more)" if len(skipped) > 10 else ""))
     return written
 
 

@@ -186,7 +186,6 @@ def test_device_cuda_without_gpu(tmp_path):
 @pytest.mark.parametrize("argv,names", [
     (["--global-batch", "3"], ["--global-batch 3", "--batch-size 2"]),
     (["--amp", "fp16", "--device", "cpu"], ["--amp fp16", "bf16"]),
-    (["--iters", "0"], ["--iters 0"]),
     (["--model", "denseclip_vitb16", "--crop-size", "100"], ["--crop-size 100", "patch size 16"]),
 ])
 def test_run_options(tmp_path, argv, names):

@@ -91,5 +91,5 @@ def test_plot_log_without_matplotlib_says_how_to_install(monkeypatch, tmp_path, 
 
 def test_tensorboard_missing_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match="pip install tensorboard"):
+    with pytest.raises(ImportError, match="pip install tensorboard"):  # MissingPackageError: exit 2
         tensorboard_writer(tmp_path)

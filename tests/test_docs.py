@@ -53,7 +53,7 @@ SMOKE = {
     "python train.py --model fpn_tiny": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --dataset ade20k --pretrained pretrained/RN50.pt": [*SHORT, "--out-dir", "runs/smoke"],
     "torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt "
-    "--out-dir runs/r50": [*TINY, *SHORT],
+    "--out-dir runs/r50": [*TINY, *SHORT, "--out-dir", "runs/smoke"],  # runs/r50 holds the fixture's checkpoint
     "python eval.py runs/r50/iter_080000.pt --dataset ade20k --aug-test": ["--scale", "256", "128", "--workers", "0"],
     "python eval.py denseclip_fpn_res50.pth --model denseclip_r50 --dataset ade20k": [*TINY, "--scale", "48", "32",
                                                                                      "--val-size", "2", "--workers",
@@ -273,6 +273,7 @@ def script_main(path: str):
 def test_documented_command_runs(command, project, monkeypatch):
     words, extra = shlex.split(command), SMOKE[command]
     monkeypatch.chdir(project)
+    shutil.rmtree(project / "runs/smoke", ignore_errors=True)  # a fresh run each: train.py refuses another's folder
     if words[0] == "pip":
         out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
                               "--no-index", *[w.replace(".", str(ROOT), 1) if w.startswith(".") else w

@@ -21,6 +21,7 @@ from PIL import Image
 from denseclip.data.procedural import ProceduralShapes
 from denseclip.errors import MissingFileError, run_main
 from denseclip.run.checkpoints import latest_checkpoint
+from denseclip.run.outputs import check_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
@@ -53,7 +54,7 @@ def main(argv=None):
     p.add_argument("--detector", help="train.py's run folder of a detector on the built-in data (default: none)")
     p.add_argument("--out-dir", default="docs", help="the pictures go here")
     args = p.parse_args(argv)
-    out, segmentor = Path(args.out_dir), str(checkpoint_in(args.segmentor))
+    out, segmentor = check_out_dir(args.out_dir, "--out-dir"), str(checkpoint_in(args.segmentor))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from denseclip.errors import MissingFileError, require_package, run_main
+from denseclip.errors import DataError, MissingFileError, require_package, run_main
+from denseclip.run.outputs import check_out_file
 
 METRICS = (("mIoU", "mIoU"), ("AP", "box AP"), ("segm_AP", "mask AP"))  # log key, how the panel names it
 STYLES = ("-", "--", ":", "-.")  # the losses of one run: the total first
@@ -24,7 +25,13 @@ def read_log(path: Path) -> list:
     path = path / "log.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file (give a run folder with a log.jsonl, or the file itself)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not a JSON record ({e.msg}); was the file cut or edited?") from None
+    return records
 
 
 def series(records: list, key: str, scale: float = 1.0):
@@ -100,6 +107,7 @@ def main(argv=None):
     runs = {f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name: read_log(q)
             for f, q in zip(folders, paths)}
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "curves.png"
+    check_out_file(out, "--out", make_folder=True)  # before the work: a file, a folder it may make
     fig = plot(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from denseclip.clip import CLIP, TextEncoder
-from denseclip.resnet import ModifiedResNet
 from denseclip.configs import denseclip_tiny
+from denseclip.errors import run_main, whole
+from denseclip.resnet import ModifiedResNet
+from denseclip.run.outputs import check_out_file
 
 
 def random_clip(seed: int = 0) -> CLIP:
@@ -32,12 +34,13 @@ def openai_state_dict(model: CLIP) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="file to write (a plain state dict; load_clip and eval.py --zero-shot read it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole(0, 2 ** 31 - 1), default=0, help="seed of the random weights (default 0)")
     args = p.parse_args(argv)
+    check_out_file(args.out, "output file", make_folder=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(openai_state_dict(random_clip(args.seed)), args.out)
     print(f"wrote a random CLIP (denseclip_tiny's towers) to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

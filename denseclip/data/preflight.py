@@ -37,7 +37,7 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from ..errors import DataError, run_main
+from ..errors import DataError, run_main, whole
 from ..progress import progress
 from . import coco, image_io, segmentation
 from .options import HelpFormatter, add_data_args, coco_files, dataset_class_names, split_files
@@ -317,7 +317,7 @@ def main(argv=None):
                                             "COCO-format detection (the jsons consistent, every image listed there, "
                                             "readable, of the size the json says).")
     add_data_args(p, recipe="train.py's recipe, see python train.py --help")
-    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (x processes) to expect")
+    p.add_argument("--batch-size", type=whole(1), default=1, help="images per micro-batch (x processes) to expect")
     p.set_defaults(check_data="full")
     args = p.parse_args(argv)
     args.seed = 0

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..configs import CONFIGS, task_of
+from ..errors import ConfigError
 from ..data import options, preflight
 from .batches import collate_detection
 from .coco_eval import STAT_NAMES, CocoEvaluator
@@ -159,8 +160,8 @@ class Detection(Task):
 
     def test_options(self, args, model) -> dict:
         if args.mode or args.flip or args.ratios != [1.0]:
-            raise SystemExit("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
-                             "is tested at its config's min_size/max_size")
+            raise ConfigError("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
+                              "is tested at its config's min_size/max_size (--set min_size=N --set max_size=N)")
         return {}
 
     def metric(self, model, dataset):
