@@ -26,10 +26,24 @@ def cat_id(label: int) -> int:
     return 3 * label + 2
 
 
+def box_segmentation(box, crowd: bool, size: int):
+    """A box's region as COCO stores it: a polygon (its four corners), or for a crowd uncompressed RLE (run lengths
+    over the column-major pixels, starting with background)."""
+    x1, y1, x2, y2 = box
+    if not crowd:
+        return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+    mask = np.zeros((size, size), np.uint8)
+    mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = 1
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {"size": [size, size], "counts": ([0] if flat[0] else []) + runs}
+
+
 def make_coco_dataset(root: Path, n_train=6, n_val=3, size=64):
-    """Procedural shapes written as PNG images + COCO-format jsons (train / val), with the awkward cases: a crowd
-    box, an image without annotations, an image whose only annotation is a crowd box. Returns the train.py /
-    eval.py data options."""
+    """Procedural shapes written as PNG images + COCO-format jsons (train / val) in COCO's own form (polygons, crowd
+    RLE), with the awkward cases: a crowd box, an image without annotations, an image whose only annotation is a
+    crowd box. Returns the train.py / eval.py data options."""
     (root / "images").mkdir(parents=True)
     cats = [{"id": cat_id(k), "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPE_CLASSES[1:])]
     cats = cats[::-1]  # json order is not id order
@@ -48,7 +62,8 @@ def make_coco_dataset(root: Path, n_train=6, n_val=3, size=64):
                 x1, y1, x2, y2 = box
                 crowd = i == 2 or j == 1  # image 2 has crowd boxes only
                 anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat_id(label),
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd)})
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
+                             "segmentation": box_segmentation(box, crowd, size)})
         (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return ["--dataset", "coco", "--train-ann", str(root / "train.json"), "--train-images", str(root / "images"),
             "--val-ann", str(root / "val.json"), "--val-images", str(root / "images")]
