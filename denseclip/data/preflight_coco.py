@@ -155,7 +155,8 @@ def check_annotations(name: str, dataset, ann, cfg, findings) -> None:
                              f"annotation id {a['id']}: {key} {a[key]}")
         if a["id"] == 0 and name == "val":
             findings.add(f"annotation(s) with id 0 in {ann} (COCOeval reads id 0 as 'no match': a detection "
-                         "matched to it would count as a false positive)", a)
+                         "matched to it would count as a false positive)", f"annotation id 0 (image id "
+                         f"{a['image_id']})")
         if min(a["bbox"][2:]) < 0:
             findings.add(f"annotation(s) in {ann} whose bbox has a negative width or height (COCO boxes are "
                          "[x, y, width, height]: corners [x1, y1, x2, y2]?)", f"annotation id {a['id']}: bbox "
