@@ -259,4 +259,5 @@ def check_coco(args, min_train: int, splits, findings, pool) -> str:
             counts[-1] += (f" ({len(dataset)} with a usable box; {unused} of {n} annotations unused: crowd, "
                            "degenerate or outside the image)")
     what = "every image loaded" if args.check_data == "full" else "files and sizes from headers"
-    return ", ".join(counts) + f", {len(next(iter(cats.values())))} categories OK ({what})"
+    model = getattr(args, "model", None) or "a DenseCLIP RetinaNet's defaults (no --model)"
+    return ", ".join(counts) + f", {len(next(iter(cats.values())))} categories OK ({what}; for {model})"
