@@ -241,7 +241,7 @@ class CocoDetection(torch.utils.data.Dataset):
         image = read_image(path)
         if image.shape[:2] != (info["height"], info["width"]):
             raise DataError(f"image {path} is {image.shape[1]}x{image.shape[0]} (w x h) but its annotation says "
-                             f"{info['width']}x{info['height']}")
+                            f"{info['width']}x{info['height']}")
         boxes, labels, anns = self.annotations(image_id)
         target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(image_id, dtype=torch.int64)}
         if self.masks:
