@@ -281,7 +281,7 @@ CATALOGUE = {  # id: (split, edit(d, root, split) or raw file text, model, words
     "polygon of strings": ("train", lambda d, r, s: d["annotations"][0].update(segmentation=[["1", 2, 3, 4, 5, 6]]),
                            RETINA, ["annotation id 1", "holds something other than numbers"]),
     "polygon far off": ("train", lambda d, r, s: d["annotations"][0].update(segmentation=[[0, 0, 1e9, 0, 1e9, 9]]),
-                        RETINA, ["annotation id 1", "1e+09", "64x64 image", "crashes"]),
+                        RETINA, ["annotation id 1", "reaches 1e+09", "64x64 image", "crashes"]),
     "no polygons": ("train", lambda d, r, s: d["annotations"][0].update(segmentation=[]), RETINA,
                     ["annotation id 1", "an empty polygon list"]),
     "segmentation a number": ("train", lambda d, r, s: d["annotations"][0].update(segmentation=5), RETINA,

@@ -88,10 +88,10 @@ def segmentation_problem(segm, width: int, height: int) -> Optional[str]:
                 return f"polygon {i} holds something other than numbers: {coco.SHOWN.repr(poly)}"
             if not math.isfinite(total):
                 return f"polygon {i} holds NaN or infinite numbers: {coco.SHOWN.repr(poly)}"
-            xs, ys = poly[0::2], poly[1::2]
-            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
-                return (f"polygon {i} reaches ({max(xs, key=abs):.4g}, {max(ys, key=abs):.4g}), more than an image "
-                        f"size outside its {width}x{height} image (pycocotools crashes rasterising far-off points)")
+            side = max(width, height)  # x and y together: two C loops, not four
+            if min(poly) < -side or max(poly) > 2 * side:
+                return (f"polygon {i} reaches {max(poly, key=abs):.4g}, more than an image size outside its "
+                        f"{width}x{height} image (pycocotools crashes rasterising far-off points)")
         return None
     if not isinstance(segm, dict):
         return f"{coco.SHOWN.repr(segm)} is neither polygons (a list) nor RLE (an object with size and counts)"
