@@ -45,7 +45,7 @@ from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
 from denseclip.run.optim import CUSTOM_KEYS, param_groups
 from denseclip.run.outputs import check_new_run, check_out_dir
-from denseclip.run.step import StopSignals, autocast, stop_if_not_finite, stopped
+from denseclip.run.step import StopSignals, autocast, data_note, stop_if_not_finite, stopped
 from denseclip.run.tasks import TASKS, task_for
 
 RECIPE_OPTIONS = {key for task in TASKS for _, defaults in task.recipes.values() for key in defaults}
@@ -184,16 +184,18 @@ def initialise(model, args, cfg):
 
 
 def train_step(model, batches, optimizer, scaler, accum: int, device, amp="none", clip_grad=None, step=1,
-               out_dir=Path(".")):
+               out_dir=Path("."), dataset=None):
     """One optimiser step over `accum` micro-batches of `batches`; model: the model, or its DDP wrapper. Returns
     the step's losses averaged over its micro-batches (and the gradient norm when clipping), and the epoch and
-    samples seen of the batch stream after it. step: the number this step will have (for the NaN message)."""
+    samples seen of the batch stream after it. step: the number this step will have, dataset: the one `batches`
+    draws from (both for the NaN message, which names the step's images)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    stats = {}
+    stats, loaded = {}, []  # loaded: the step's micro-batches as loaded (host memory), read only on a NaN
     # The text encoder runs once per step, not per micro-batch: its output does not depend on the images.
     with text_once_per_step(unwrap(model), all_reduce=ddp):
         for micro in range(accum):
             epoch, seen, images, targets = next(batches)
+            loaded.append((images, targets))
             images, targets = to_device((images, targets), device)  # detection: lists of images and target dicts
             # Gradients are all-reduced once per optimiser step, on the last micro-batch.
             with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
@@ -204,7 +206,8 @@ def train_step(model, batches, optimizer, scaler, accum: int, device, amp="none"
             for k, v in losses.items():
                 stats[k] = stats.get(k, 0.0) + v.detach().float() / accum
     world = dist.get_world_size() if ddp else 1
-    stop_if_not_finite(stats, step, world, out_dir)  # before the update: the last checkpoint stays good
+    # Before the update: the last checkpoint stays good.
+    stop_if_not_finite(stats, step, world, out_dir, data=lambda: data_note(loaded, dataset))
     if clip_grad:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
@@ -291,7 +294,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr_of(it, group["initial_lr"])
             stats, epoch, seen = train_step(model, batches, optimizer, scaler, accum, device, args.amp,
-                                            args.clip_grad, it + 1, out_dir)
+                                            args.clip_grad, it + 1, out_dir, train_set)
             done = step = it + 1  # steps done
             meter.add(stats, time.time() - t0, step)  # on a terminal, also the live line
             if step % args.log_interval == 0 or step == args.iters:

@@ -36,7 +36,7 @@ from .configs import check_class_names
 from .errors import ConfigError
 from .precision import wide_dtype
 from .prompting import ContextDecoder, PreModelPrompter
-from .tokenizer import tokenize
+from .tokenizer import token_count, tokenize
 
 
 def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> torch.Tensor:
@@ -46,9 +46,9 @@ def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> t
         try:
             rows.append(tokenize(name, context_length=length, truncate=truncate))
         except RuntimeError:
-            raise ConfigError(f"class name {name!r} needs more than {length} tokens (SOT + BPE + EOT): shorten it, "
-                              "raise class_token_length (--set class_token_length=N) or set "
-                              "truncate_class_names=True") from None
+            raise ConfigError(f"class name {name!r} needs {token_count(name)} tokens (SOT + BPE + EOT), more than "
+                              f"class_token_length {length}: shorten it, or --set class_token_length="
+                              f"{token_count(name)}, or --set truncate_class_names=True") from None
     return torch.cat(rows)
 
 

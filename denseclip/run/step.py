@@ -1,5 +1,6 @@
-"""The training step's pieces: mixed precision (autocast), the stop on a non-finite loss, and the stop on a signal
-(Ctrl-C, a scheduler's SIGTERM) at the next step boundary."""
+"""The training step's pieces: mixed precision (autocast), the stop on a non-finite loss, which says whether
+the step's data was the cause (naming its images) or not, and the stop on a signal (Ctrl-C, a scheduler's SIGTERM)
+at the next step boundary."""
 import contextlib
 import signal
 import threading
@@ -23,10 +24,37 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
+
+def data_note(batches, dataset=None, show: int = 8) -> str:
+    """What a step's data says about its non-finite loss: the images and targets that hold NaN/inf (the data is
+    the cause), or that all are finite; detection images are named by id and, when the dataset has files
+    (`image_file`), by file. batches: the step's micro-batches (images, targets) as the loader gave them."""
+    named, bad = [], []
+    for images, targets in batches:
+        for image, target in zip(images, targets):  # segmentation: per row of the (B, 3, H, W) and (B, H, W) tensors
+            fields = target if isinstance(target, dict) else {"label": target}
+            name = f"sample {len(named)} of the step"
+            if "image_id" in fields:
+                image_id = int(fields["image_id"])
+                file = getattr(dataset, "image_file", None)
+                name = f"image id {image_id}" + (f" ({file(image_id)})" if file else "")
+            named.append(name)
+            broken = [k for k, v in {"image": image, **fields}.items()
+                      if v.is_floating_point() and not torch.isfinite(v).all()]
+            if broken:
+                bad.append(f"{name}: {' and '.join(broken)} hold NaN/inf")
+    if bad:
+        return f"the data is the cause: {'; '.join(bad[:show])}{' ...' if len(bad) > show else ''}; fix or drop it"
+    ids = [n for n in named if n.startswith("image id")]
+    return "the step's images and targets are all finite" + (f" ({', '.join(ids[:show])}"
+                                                             f"{' ...' if len(ids) > show else ''})" if ids else "")
+
+
+def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path, data=None):
     """Raise TrainingError, on every rank together, when a loss term of this step is NaN or infinite. Called before
     the optimiser step; the checkpoint it names is the newest whose tensors are all finite (save_run writes no other,
-    but one from elsewhere, or from an older version, may be in the folder)."""
+    but one from elsewhere, or from an older version, may be in the folder). data: a function returning what the
+    step's data says (data_note), called only then."""
     bad = (~torch.isfinite(torch.stack([at_least_fp32(v) for v in losses.values()]))).any().float()
     if world > 1:
         dist.all_reduce(bad)  # one rank's NaN stops them all (the others would wait for it forever)
@@ -36,8 +64,9 @@ def stop_if_not_finite(losses: dict, step: int, world: int, out_dir: Path):
         kept = f"{last} is the last good checkpoint" if last else "no good checkpoint was written yet"
         if skipped:
             kept += f" ({', '.join(p.name for p in skipped)}: non-finite or unreadable, do not resume from it)"
-        raise TrainingError(f"non-finite loss at iteration {step} ({terms}{' on this rank' if world > 1 else ''}); "
-                            f"stopped before the update: {kept}. {NON_FINITE_HINT}")
+        note = f"; {data()}{' on this rank' if world > 1 else ''}" if data else ""
+        raise TrainingError(f"non-finite loss at iteration {step} ({terms}{' on this rank' if world > 1 else ''})"
+                            f"{note}; stopped before the update: {kept}. {NON_FINITE_HINT}")
 
 
 class StopSignals:
