@@ -21,20 +21,23 @@ import argparse
 import re
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import torch.distributed as dist
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint, load_clip
-from denseclip.configs import CONFIGS, DenseCLIPConfig, config_names, config_overrides
-from denseclip.data.options import HelpFormatter, add_data_args
-from denseclip.errors import ConfigError, UserError, run_main
+from denseclip.configs import CONFIGS, DenseCLIPConfig, check_config, config_names, config_overrides
+from denseclip.language import name_tokens
+from denseclip.data.options import HelpFormatter, add_data_args, name_list
+from denseclip.errors import ConfigError, UserError, number, run_main, whole
 from denseclip.run.checkpoints import saved_train_args
 from denseclip.run.distributed import init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
+from denseclip.run.outputs import check_out_dir, check_out_file
 from denseclip.run.tasks import SEGMENTATION, task_for
-from denseclip.run.zero_shot import (PROTOCOL_SCALE, add_zero_shot_args, build_zero_shot, describe, has_background,
-                                     read_queries)
+from denseclip.run.zero_shot import (PROTOCOL_SCALE, add_zero_shot_args, describe, has_background, read_queries,
+                                     zero_shot_segmenter)
 
 # The data and model options a checkpoint of ours remembers: left unset, they take the values it was trained with.
 INHERIT = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
@@ -61,24 +64,26 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["whole", "slide"], help="inference on the whole image or in sliding windows "
                                                               "of the test crop (default: the config's test_mode)")
     p.add_argument("--aug-test", action="store_true", help=f"multi-scale {AUG_RATIOS} + flip, as the official")
-    p.add_argument("--ratios", type=float, nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
+    p.add_argument("--ratios", type=number(above=0), nargs="+", default=[1.0], help="test scale ratios (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also average over horizontally flipped images")
-    p.add_argument("--show-dir", help="segmentation: write colourised predictions (palette PNGs named after the "
-                                      "images) here; detection: the images with boxes, class names, scores (and "
-                                      "mask outlines) drawn over them (default: no pictures)")
-    p.add_argument("--score-maps", metavar="NAMES", help="with --show-dir: also draw the score maps of these classes "
-                   "(comma-separated, any names) for the first --score-map-images images (see demo.py; "
-                   "default: none)")
-    p.add_argument("--score-map-images", type=int, default=4, help="how many images get --score-maps pictures")
+    p.add_argument("--show-dir", help="write a picture of each prediction here, named after the image: the photo "
+                                      "with the segmentation blended over it (detection: boxes, names, scores and "
+                                      "masks), a title and a legend of the classes; segmentation also NAME_label.png, "
+                                      "whose pixel values are the class indices (default: no pictures)")
+    p.add_argument("--score-maps", metavar="NAMES", type=name_list, help="with --show-dir: also draw the score maps "
+                   "of these classes (comma-separated, any names) for the first --score-map-images images (see "
+                   "demo.py; default: none)")
+    p.add_argument("--score-map-images", type=whole(1), default=4, help="how many images get --score-maps pictures")
     p.add_argument("--out", help="segmentation: also write the metrics (and per-class IoU/Acc) to this JSON file; "
                                  "detection: write the detections as a COCO results JSON (xywh boxes in original "
                                  "image pixels, the dataset's own category ids); Mask R-CNN also writes the masks "
                                  "(RLE) to OUT with the suffix .segm.json (default: no file)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
+    p.add_argument("--workers", type=whole(0), default=2, help="DataLoader worker processes per process")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     add_zero_shot_args(p, evaluation=True)
     given = p.parse_args(argv)
+    check_outputs(given)  # before the checkpoint is even opened: a wrong path fails now, not after the evaluation
     saved = saved_train_args(given.checkpoint)
     plain = {k: p.get_default(k) for k in INHERIT}
     p.set_defaults(**{k: v for k, v in saved.items() if k in INHERIT})
@@ -96,6 +101,15 @@ def parse_args(argv=None):
     if args.aug_test:
         args.ratios, args.flip = list(AUG_RATIOS), True
     return args
+
+
+def check_outputs(args):
+    """--out and --show-dir can be written (the folder of --out exists, --show-dir is no file), and --out would not
+    overwrite the checkpoint: checked before any work."""
+    if args.out:  # Mask R-CNN also writes OUT with the suffix .segm.json: the same folder
+        check_out_file(args.out, "--out", keep=[args.checkpoint])
+    if args.show_dir:
+        check_out_dir(args.show_dir, "--show-dir")
 
 
 def inherited(options: dict) -> str:
@@ -123,8 +137,9 @@ def trained_model(args, task):
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
     if args.from_checkpoint:
         print0("options taken from the checkpoint: " + inherited(args.from_checkpoint))
+    cfg = check_config(replace(CONFIGS[args.model](), **overrides))  # --set values: before the data is read
     print0(task.check_data(args, splits=("val",)))
-    dataset = task.dataset(args, "val", replace(CONFIGS[args.model](), **overrides))
+    dataset = task.dataset(args, "val", cfg)
     model = build_model(args.model, dataset.class_names, **overrides)
     report = load_checkpoint(model, args.checkpoint)
     if report.kind != "model":
@@ -142,7 +157,7 @@ def zero_shot_model(args, task):
     dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=clip.visual.input_resolution))
     names = read_queries(args.class_names, len(dataset.class_names)) if args.class_names and \
         args.dataset != "folder" else dataset.class_names  # a folder's --class-names named its classes already
-    model = build_zero_shot(args, names, has_background(dataset), clip)
+    model = zero_shot_segmenter(args, names, has_background(dataset), clip)
     print0(f"zero-shot: {args.checkpoint}, {describe(model)}")
     args.model = f"zero-shot {args.readout}"
     return model, dataset
@@ -161,11 +176,14 @@ def main(argv=None):
         except UserError as e:
             raise name_inherited(e, args) from None
     model.to(device)
+    if args.score_maps and task is SEGMENTATION and not args.zero_shot:  # zero-shot: CLIP's 77 tokens
+        name_tokens(model, args.score_maps)  # names over the token budget fail now, not after the evaluation
     test = task.test_options(args, model)  # segmentation: mode, ratios, flip; detection: none
     how = ", ".join(f"{k} {v}" for k, v in test.items())
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images"
            f"{': ' + how if how else ''}, {world} process(es)")
-    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, **test)
+    title = (f"model {args.model}", f"checkpoint {Path(args.checkpoint).name}")
+    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, title, **test)
     res = metric.compute()
     print0(metric.format_table(dataset.class_names))
     if args.out and rank == 0:
@@ -176,8 +194,7 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     if args.score_maps and rank == 0:
-        names = [n.strip() for n in args.score_maps.split(",")]
-        task.score_pictures(model, dataset, names, args.show_dir, args.score_map_images, device)
+        task.score_pictures(model, dataset, args.score_maps, args.show_dir, args.score_map_images, device)
     return res
 
 

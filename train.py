@@ -17,6 +17,8 @@ GPUs reaches the global batch (issues #13, #30), a frozen text encoder that is n
 (issue #28), and checkpoints that resume bit-exactly (data position and every RNG state included).
 Detection runs the same loop with mmdet's 1x recipe: step schedule by epoch (`step_lr_at`), gradient clipping at
 max-norm 0.1, 2 images x 8 GPUs, evaluation with COCOeval.
+Ctrl-C or SIGTERM (a scheduler's preemption) ends the step under way, saves a checkpoint of it and stops with one
+line (exit status 130 / 143); --resume auto continues from it bit-exactly (run/step.py: StopSignals).
 """
 import argparse
 import contextlib
@@ -31,9 +33,9 @@ from torch import nn
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint
-from denseclip.configs import CONFIGS, config_names, config_overrides
+from denseclip.configs import CONFIGS, check_config, config_names, config_overrides
 from denseclip.data.options import HelpFormatter, add_data_args
-from denseclip.errors import ConfigError, require_file, run_main
+from denseclip.errors import ConfigError, number, require_file, require_package, run_main, whole
 from denseclip.language import text_once_per_step
 from denseclip.run.activation_checkpoint import checkpoint_activations
 from denseclip.run.batches import to_device, train_batches
@@ -42,7 +44,8 @@ from denseclip.run.distributed import convert_sync_batchnorm, init_distributed, 
 from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
 from denseclip.run.optim import CUSTOM_KEYS, param_groups
-from denseclip.run.step import autocast, stop_if_not_finite
+from denseclip.run.outputs import check_new_run, check_out_dir
+from denseclip.run.step import StopSignals, autocast, data_note, stop_if_not_finite, stopped
 from denseclip.run.tasks import TASKS, task_for
 
 RECIPE_OPTIONS = {key for task in TASKS for _, defaults in task.recipes.values() for key in defaults}
@@ -86,36 +89,41 @@ def parse_args(argv=None):
                         f"the baselines without it); {config_names()}")
     add_data_args(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, help="optimiser steps (detection: epochs x iterations per epoch)")
-    g.add_argument("--epochs", type=int, help="detection: epochs of train images // global batch iterations each")
-    g.add_argument("--lr-steps", type=int, nargs="+", help="detection: epochs at which the lr drops x0.1")
-    g.add_argument("--batch-size", type=int, help="images per process per forward")
-    g.add_argument("--global-batch", type=int, help="images per optimiser step, all processes together; "
-                                                    "accumulation steps = global / (batch-size x processes)")
-    g.add_argument("--lr", type=float, help="AdamW's base learning rate (groups scale it by their lr_mult)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's weight decay (x each group's decay_mult)")
-    g.add_argument("--warmup-iters", type=int, help="linear warmup steps at the start")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="segmentation: poly schedule floor (absolute, every "
-                                                             "group)")
-    g.add_argument("--backbone-lr-mult", type=float, help="lr multiplier of the image encoder")
+    g.add_argument("--iters", type=whole(1), help="optimiser steps (detection: epochs x iterations per epoch)")
+    g.add_argument("--epochs", type=whole(1), help="detection: epochs of train images // global batch iterations "
+                                                   "each")
+    g.add_argument("--lr-steps", type=whole(1), nargs="+", help="detection: epochs at which the lr drops x0.1")
+    g.add_argument("--batch-size", type=whole(1), help="images per process per forward")
+    g.add_argument("--global-batch", type=whole(1), help="images per optimiser step, all processes together; "
+                                                         "accumulation steps = global / (batch-size x processes)")
+    g.add_argument("--lr", type=number(above=0), help="AdamW's base learning rate (groups scale it by their lr_mult)")
+    g.add_argument("--weight-decay", type=number(low=0), default=1e-4,
+                   help="AdamW's weight decay (x each group's decay_mult)")
+    g.add_argument("--warmup-iters", type=whole(0), help="linear warmup steps at the start")
+    g.add_argument("--min-lr", type=number(low=0), default=1e-6, help="segmentation: poly schedule floor (absolute, "
+                                                                      "every group)")
+    g.add_argument("--backbone-lr-mult", type=number(low=0), help="lr multiplier of the image encoder (0: frozen)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast dtype; fp16 (CUDA only) adds a GradScaler")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (unset: no clipping)")
+    g.add_argument("--clip-grad", type=number(above=0), help="clip the gradient norm to this (unset: no clipping)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute the image encoder's residual blocks in the backward: less memory, ~1/3 more time")
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default="runs/default", help="checkpoints (iter_NNNNNN.pt) and log.jsonl go here")
-    g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any) "
-                                    "(default: start from scratch)")
+    g.add_argument("--out-dir", default="runs/default", help="checkpoints (iter_NNNNNN.pt) and log.jsonl go here; "
+                                                             "a folder holding another run needs --resume")
+    g.add_argument("--resume", help="a checkpoint to continue, or 'auto': the latest in --out-dir (if any; after "
+                                    "Ctrl-C or SIGTERM, the one saved then) (default: start from scratch)")
     g.add_argument("--pretrained", help="initial weights: OpenAI CLIP .pt (pretrained/RN50.pt) or a checkpoint "
                                         "(default: random weights)")
-    g.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--save-interval", type=int, help="checkpoint every N steps (and always at the end)")
-    g.add_argument("--keep", type=int, default=0, help="keep only the N latest checkpoints (default 0: all)")
-    g.add_argument("--log-interval", type=int, default=50, help="print the mean losses of every N steps (and on a "
-                                                               "terminal, a live line in between)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
+    g.add_argument("--eval-interval", type=whole(0), help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--save-interval", type=whole(0), help="checkpoint every N steps (0: only at the end; always at "
+                                                          "the end, and at Ctrl-C or SIGTERM)")
+    g.add_argument("--keep", type=whole(0), default=0, help="keep only the N latest checkpoints (default 0: all)")
+    g.add_argument("--log-interval", type=whole(1), default=50, help="print the mean losses of every N steps (and on "
+                                                                    "a terminal, a live line in between)")
+    g.add_argument("--seed", type=whole(0, 2 ** 31 - 1), default=0,
+                   help="seed of the weights, the data order and augmentation")
+    g.add_argument("--workers", type=whole(0), help="DataLoader worker processes per process")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     g.add_argument("--tensorboard", action="store_true", help="also log losses, lr, speed and mIoU for TensorBoard "
                                                               "under OUT_DIR/tensorboard (pip install tensorboard)")
@@ -130,13 +138,15 @@ def parse_args(argv=None):
 
 
 def check_options(args):
-    """Refuse missing files and impossible counts before anything is built."""
+    """Refuse missing files, an --out-dir that cannot be written or holds another run, before anything is built
+    (impossible numbers: their argparse types)."""
     if args.resume != "auto":
         require_file(args.resume, "--resume", "checkpoint")
     require_file(args.pretrained, "--pretrained", "weights file")
-    for name in ("iters", "batch_size", "log_interval"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    check_out_dir(args.out_dir, "--out-dir")
+    check_new_run(Path(args.out_dir), args.resume)
+    if args.tensorboard:
+        require_package("tensorboard", "--tensorboard", "tensorboard")
 
 
 def accumulation(args, world: int, device: torch.device) -> int:
@@ -155,7 +165,7 @@ def accumulation(args, world: int, device: torch.device) -> int:
 def model_config(args):
     """(config, --set overrides) of --model; a ViT's crop must be a whole number of patches."""
     overrides = config_overrides(args.overrides, type(CONFIGS[args.model]()))
-    cfg = replace(CONFIGS[args.model](), **overrides)
+    cfg = check_config(replace(CONFIGS[args.model](), **overrides))  # --set values: before the data is read
     crop = args.crop_size or cfg.input_resolution
     if cfg.backbone == "vit" and crop % cfg.patch_size:
         raise ConfigError(f"--crop-size {crop} is not a multiple of the ViT patch size {cfg.patch_size}")
@@ -174,16 +184,18 @@ def initialise(model, args, cfg):
 
 
 def train_step(model, batches, optimizer, scaler, accum: int, device, amp="none", clip_grad=None, step=1,
-               out_dir=Path(".")):
+               out_dir=Path("."), dataset=None):
     """One optimiser step over `accum` micro-batches of `batches`; model: the model, or its DDP wrapper. Returns
     the step's losses averaged over its micro-batches (and the gradient norm when clipping), and the epoch and
-    samples seen of the batch stream after it. step: the number this step will have (for the NaN message)."""
+    samples seen of the batch stream after it. step: the number this step will have, dataset: the one `batches`
+    draws from (both for the NaN message, which names the step's images)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    stats = {}
+    stats, loaded = {}, []  # loaded: the step's micro-batches as loaded (host memory), read only on a NaN
     # The text encoder runs once per step, not per micro-batch: its output does not depend on the images.
     with text_once_per_step(unwrap(model), all_reduce=ddp):
         for micro in range(accum):
             epoch, seen, images, targets = next(batches)
+            loaded.append((images, targets))
             images, targets = to_device((images, targets), device)  # detection: lists of images and target dicts
             # Gradients are all-reduced once per optimiser step, on the last micro-batch.
             with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
@@ -194,7 +206,8 @@ def train_step(model, batches, optimizer, scaler, accum: int, device, amp="none"
             for k, v in losses.items():
                 stats[k] = stats.get(k, 0.0) + v.detach().float() / accum
     world = dist.get_world_size() if ddp else 1
-    stop_if_not_finite(stats, step, world, out_dir)  # before the update: the last checkpoint stays good
+    # Before the update: the last checkpoint stays good.
+    stop_if_not_finite(stats, step, world, out_dir, data=lambda: data_note(loaded, dataset))
     if clip_grad:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
@@ -215,13 +228,8 @@ def validate(task, model, val_set, it: int, args, device, log: RunLog):
     return res, metric
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_options(args)
-    rank, world, device = init_distributed(args.device)
-    accum, task, out_dir = accumulation(args, world, device), task_for(args.model), Path(args.out_dir)
-    torch.backends.cudnn.benchmark = task.cudnn_benchmark
-
+def build(args, task, world: int, device):
+    """The run's datasets, lr schedule, model (SyncBN with more than one process, on the device), AdamW and scaler."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     cfg, overrides = model_config(args)
     print0(task.check_data(args, args.batch_size * world))  # every data problem, before anything is trained
@@ -236,6 +244,16 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, custom_keys), lr=args.lr,
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return train_set, val_set, lr_of, model, optimizer, scaler
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_options(args)
+    rank, world, device = init_distributed(args.device)
+    accum, task, out_dir = accumulation(args, world, device), task_for(args.model), Path(args.out_dir)
+    torch.backends.cudnn.benchmark = task.cudnn_benchmark
+    train_set, val_set, lr_of, model, optimizer, scaler = build(args, task, world, device)
 
     start_iter, epoch, seen, rng = 0, 0, 0, None
     checkpoint = latest_checkpoint(out_dir) if args.resume == "auto" else args.resume
@@ -257,27 +275,41 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above writes nothing
     batches = train_batches(train_set, args.batch_size, rank, world, args.seed, epoch, seen, args.workers,
                             task.collate)
-    log, meter = RunLog(out_dir, rank == 0, args.tensorboard), TrainMeter(args.iters, start_iter, live=rank == 0)
+    log = RunLog(out_dir, rank == 0, args.tensorboard, after=start_iter)
+    meter = TrainMeter(args.iters, start_iter, live=rank == 0)
+
+    def save(step):  # on every rank (the RNG states are gathered); rank 0 writes. Returns the step saved.
+        save_run(out_dir, step, unwrap(model), optimizer, scaler, {"epoch": epoch, "seen": seen}, args,
+                 train_set.class_names, world)
+        return step
 
     model.train()
-    for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
-        t0 = time.time()
-        lr = lr_of(it, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_of(it, group["initial_lr"])
-        stats, epoch, seen = train_step(model, batches, optimizer, scaler, accum, device, args.amp, args.clip_grad,
-                                        it + 1, out_dir)
-        step = it + 1  # steps done
-        meter.add(stats, time.time() - t0, step)  # on a terminal, also the live line
-        if step % args.log_interval == 0 or step == args.iters:
-            line, record = meter.line(step, args.iters, epoch, lr, world)
-            print0(line)
-            log.write(record, "train")
-        if (args.save_interval and step % args.save_interval == 0) or step == args.iters:
-            save_run(out_dir, step, unwrap(model), optimizer, scaler, {"epoch": epoch, "seen": seen}, args,
-                     train_set.class_names, world)
-        if args.eval_interval and step % args.eval_interval == 0 and step != args.iters:
-            validate(task, model, val_set, step, args, device, log)
+    done, saved = start_iter, start_iter if args.resume == "auto" else None  # steps done, and in out_dir's newest
+    with StopSignals() as stop:  # Ctrl-C / SIGTERM: noted, acted on at the next step boundary
+        for it in range(start_iter, args.iters):  # `it` counts the steps done before this one
+            if stop.received(world, device):  # during the last step or evaluation: stop before the next one
+                break
+            t0 = time.time()
+            lr = lr_of(it, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of(it, group["initial_lr"])
+            stats, epoch, seen = train_step(model, batches, optimizer, scaler, accum, device, args.amp,
+                                            args.clip_grad, it + 1, out_dir, train_set)
+            done = step = it + 1  # steps done
+            meter.add(stats, time.time() - t0, step)  # on a terminal, also the live line
+            if step % args.log_interval == 0 or step == args.iters:
+                line, record = meter.line(step, args.iters, epoch, lr, world)
+                print0(line)
+                log.write(record, "train")
+            if (args.save_interval and step % args.save_interval == 0) or step == args.iters:
+                saved = save(step)
+            if args.eval_interval and step % args.eval_interval == 0 and step != args.iters:
+                validate(task, model, val_set, step, args, device, log)
+        signum = stop.received(world, device)
+    if signum:  # a checkpoint of the last step done, then one line saying how to continue from it
+        if done and saved != done:
+            save(done)
+        raise stopped(signum, done, args.iters, out_dir / f"iter_{done:06d}.pt" if done else None)
 
     res, metric = validate(task, model, val_set, args.iters, args, device, log)
     print0(metric.format_table(train_set.class_names))

@@ -6,9 +6,20 @@ ordinary exception: each subclass is also the matching built-in type (`ConfigErr
 `MissingFileError` a FileNotFoundError, ...). At the command line `run_main` prints the message alone (no
 traceback: tracebacks are for bugs) and exits with status 2. Under torchrun every rank exits non-zero.
 
+Every entry point (train.py, eval.py, demo.py, tools/*.py, the pre-flight module) ends in `run_main(main)`, so all
+of them speak the same way:
+    error: <what, where, what to do>        exit status 2   bad input: a UserError, or argparse's own `error:`
+    stopped: <what was saved, how to go on>  128 + signal    a run stopped by Ctrl-C (130) or SIGTERM (143)
+    interrupted (Ctrl-C)                     130             Ctrl-C anywhere else: what was written stays
+    a traceback                              1               a bug: the traceback is what a report needs
+Numbers are refused where they are parsed: the argparse types `whole` and `number` below turn `--lr nan`,
+`--iters 0` or `--workers -1` into argparse's `error: argument --lr: ...` (exit status 2) before anything is built.
+
 No upstream counterpart: mmcv/mmseg report bad input as whatever exception the failing line raises.
 """
+import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -41,6 +52,49 @@ class MissingPackageError(UserError, ImportError):
     """An optional package (a setup.cfg extra) that the asked-for feature needs is not installed."""
 
 
+class Interrupted(Exception):
+    """A run stopped by a signal at a step boundary, after saving what it needs to continue: run_main prints the
+    message and exits with 128 + the signal's number (SIGINT 130, SIGTERM 143: the shell's convention)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _bounds(low, high, above) -> str:
+    parts = [f"above {above}" if above is not None else f"at least {low}" if low is not None else "",
+             f"at most {high}" if high is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def whole(low: int = None, high: int = None):
+    """An argparse type: a whole number in [low, high] (None: unbounded on that side)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: must be {_bounds(low, high, None)}")
+        return value
+    return parse
+
+
+def number(low: float = None, above: float = None):
+    """An argparse type: a finite number, at least `low` or strictly above `above` (NaN and infinity never)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+        if (low is not None and value < low) or (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"{value:g}: must be {_bounds(low, None, above)}")
+        return value
+    return parse
+
+
 def require_package(name: str, what: str, extra: str):
     """The module `name`, imported; a MissingPackageError saying how to install it when it is not there."""
     try:
@@ -61,12 +115,21 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's 
 
 
 def run_main(main):
-    """Call main(); a UserError ends the process with its message on stderr and exit status 2. In a distributed run,
-    a collective that fails because another rank exited (its own message says why) ends this rank with status 1."""
+    """Call main() as the command line does (the table of the module docstring): a UserError ends the process with
+    its message on stderr and exit status 2, an Interrupted run with its message and 128 + the signal, Ctrl-C
+    elsewhere with one line and 130. In a distributed run, a collective that fails because another rank exited (its
+    own message says why) ends this rank with status 1."""
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"
     prefix = f"[rank {os.environ.get('RANK')}] " if distributed else ""
     try:
         main()
+    except Interrupted as e:
+        print(f"{prefix}stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted (Ctrl-C): stopped here; what was written so far stays", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
     except UserError as e:
         message = str(e)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: its own message is the last line

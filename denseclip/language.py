@@ -33,9 +33,10 @@ from torch import nn
 
 from .clip import TextEncoder
 from .configs import check_class_names
+from .errors import ConfigError
 from .precision import wide_dtype
 from .prompting import ContextDecoder, PreModelPrompter
-from .tokenizer import tokenize
+from .tokenizer import token_count, tokenize
 
 
 def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> torch.Tensor:
@@ -45,8 +46,9 @@ def tokenize_class_names(names: Sequence[str], length: int, truncate: bool) -> t
         try:
             rows.append(tokenize(name, context_length=length, truncate=truncate))
         except RuntimeError:
-            raise ValueError(f"class name {name!r} needs more than {length} tokens (SOT + BPE + EOT); raise "
-                             f"class_token_length or set truncate_class_names=True") from None
+            raise ConfigError(f"class name {name!r} needs {token_count(name)} tokens (SOT + BPE + EOT), more than "
+                              f"class_token_length {length}: shorten it, or --set class_token_length="
+                              f"{token_count(name)}, or --set truncate_class_names=True") from None
     return torch.cat(rows)
 
 
@@ -114,8 +116,8 @@ def add_language(model: nn.Module, cfg, class_names: Sequence[str]):
 
 
 # --- the text path
-def _no_text_encoder(model) -> ValueError:
-    return ValueError("this model has no text encoder (exported with drop_text_encoder): it knows only its training "
+def _no_text_encoder(model) -> ConfigError:
+    return ConfigError("this model has no text encoder (exported with drop_text_encoder): it knows only its training "
                       f"classes {model.class_names}")
 
 

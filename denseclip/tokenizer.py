@@ -191,6 +191,11 @@ def _default_tokenizer():
     return SimpleTokenizer()
 
 
+def token_count(text: str) -> int:
+    """Positions `tokenize` needs for `text`: [SOT] + its BPE ids + [EOT]."""
+    return len(_default_tokenizer().encode(text)) + 2
+
+
 def tokenize(texts, context_length=CONTEXT_LENGTH, truncate=False):
     """Text(s) -> LongTensor (N, context_length): [SOT] + BPE ids + [EOT], then zeros. Same as `clip.tokenize`.
 

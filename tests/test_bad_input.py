@@ -178,6 +178,14 @@ def test_empty_or_duplicate_class_names(data, tmp_path, names, shown):
         build_model("denseclip_tiny", names.split(","))
 
 
+def test_class_name_over_the_token_budget_is_a_config_error(data, tmp_path):
+    _, opts = data
+    train_refused(tmp_path, ConfigError, [*opts[:-2], "--class-names", "sky,tree,road,a rhombicosidodecahedron"],
+                  "'a rhombicosidodecahedron' needs 12 tokens", "more than class_token_length 5",
+                  "--set class_token_length=12")
+    build_model("denseclip_tiny", ["sky", "a rhombicosidodecahedron"], class_token_length=12)  # the fix works
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_gpu(tmp_path):
     train_refused(tmp_path, ConfigError, ["--device", "cuda"], "--device cuda", "--device cpu")
@@ -186,7 +194,6 @@ def test_device_cuda_without_gpu(tmp_path):
 @pytest.mark.parametrize("argv,names", [
     (["--global-batch", "3"], ["--global-batch 3", "--batch-size 2"]),
     (["--amp", "fp16", "--device", "cpu"], ["--amp fp16", "bf16"]),
-    (["--iters", "0"], ["--iters 0"]),
     (["--model", "denseclip_vitb16", "--crop-size", "100"], ["--crop-size 100", "patch size 16"]),
 ])
 def test_run_options(tmp_path, argv, names):
@@ -293,7 +300,8 @@ def test_non_finite_loss_stops_with_the_iteration_and_terms_keeping_the_last_che
     monkeypatch.setattr(DenseCLIP, "forward", nan_at_third_step)
     out = tmp_path / "run"
     refused(TrainingError, [*TINY, "--iters", "5", "--save-interval", "2", "--out-dir", str(out)],
-            "iteration 3", "loss_decode", "loss_aux nan", "iter_000002.pt is the last good checkpoint")
+            "iteration 3", "loss_decode", "loss_aux nan", "the step's images and targets are all finite",
+            "iter_000002.pt is the last good checkpoint")
     assert sorted(p.name for p in out.glob("iter_*")) == ["iter_000002.pt"]
 
 

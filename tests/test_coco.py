@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from denseclip.run import optim
 from denseclip.run.batches import collate_detection, to_device
 from denseclip.data.coco import CocoDetection, flip_boxes
+from denseclip.data.preflight_coco import rle_runs
+from denseclip.errors import DataError
 from denseclip.data.procedural import ProceduralDetection
 from denseclip.run.coco_eval import CocoEvaluator
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES, render_shapes
@@ -26,10 +29,28 @@ def cat_id(label: int) -> int:
     return 3 * label + 2
 
 
+def column_runs(mask: np.ndarray) -> list:
+    """COCO's uncompressed RLE counts of a binary mask: run lengths over its column-major pixels, starting with
+    background (a leading 0 when the first pixel is foreground)."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    return ([0] if flat[0] else []) + np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+
+
+def box_segmentation(box, crowd: bool, size: int):
+    """A box's region as COCO stores it: a polygon (its four corners), or for a crowd uncompressed RLE."""
+    x1, y1, x2, y2 = box
+    if not crowd:
+        return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+    mask = np.zeros((size, size), np.uint8)
+    mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = 1
+    return {"size": [size, size], "counts": column_runs(mask)}
+
+
 def make_coco_dataset(root: Path, n_train=6, n_val=3, size=64):
-    """Procedural shapes written as PNG images + COCO-format jsons (train / val), with the awkward cases: a crowd
-    box, an image without annotations, an image whose only annotation is a crowd box. Returns the train.py /
-    eval.py data options."""
+    """Procedural shapes written as PNG images + COCO-format jsons (train / val) in COCO's own form (polygons, crowd
+    RLE), with the awkward cases: a crowd box, an image without annotations, an image whose only annotation is a
+    crowd box. Returns the train.py / eval.py data options."""
     (root / "images").mkdir(parents=True)
     cats = [{"id": cat_id(k), "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPE_CLASSES[1:])]
     cats = cats[::-1]  # json order is not id order
@@ -48,7 +69,8 @@ def make_coco_dataset(root: Path, n_train=6, n_val=3, size=64):
                 x1, y1, x2, y2 = box
                 crowd = i == 2 or j == 1  # image 2 has crowd boxes only
                 anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat_id(label),
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd)})
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
+                             "segmentation": box_segmentation(box, crowd, size)})
         (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return ["--dataset", "coco", "--train-ann", str(root / "train.json"), "--train-images", str(root / "images"),
             "--val-ann", str(root / "val.json"), "--val-images", str(root / "images")]
@@ -134,6 +156,30 @@ def test_errors_name_the_file(tmp_path):
         CocoDetection(tmp_path, ann)[0]
     with pytest.raises(FileNotFoundError, match="missing.json"):
         CocoDetection(tmp_path, tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("file_name,why", [("/etc/hosts", "is absolute"), ("../a.png", "climbs out"),
+                                           ("x/../../a.png", "climbs out"), ("C:\\data\\a.png", "is absolute"),
+                                           ("..\\a.png", "climbs out"), ("x/..", "names the image folder")])
+def test_file_names_that_leave_the_image_folder_are_refused_by_the_loader(tmp_path, file_name, why):
+    """Without any pre-flight (--check-data off): the loader itself never reads outside its image folder."""
+    ann = write_json(tmp_path / "a.json", [{"bbox": [2, 3, 10, 5], "category_id": 7}])
+    d = json.loads(ann.read_text())
+    d["images"][0]["file_name"] = file_name
+    ann.write_text(json.dumps(d))
+    with pytest.raises(DataError) as info:
+        CocoDetection(tmp_path, ann)
+    assert all(w in str(info.value) for w in (str(ann), "image id 5", repr(file_name), why)), str(info.value)
+
+
+def test_compressed_rle_runs_are_read_as_pycocotools_writes_them():
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (7, 5), (64, 48), (300, 200)):
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        mask[: h // 2] |= rng.random((h // 2, w)) < 0.9  # long runs too: several characters per number
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        assert rle_runs(rle["counts"].decode()) == column_runs(mask)
+    assert rle_runs("!!") is None and rle_runs("P") is None  # outside the alphabet; cut mid-number
 
 
 def test_train_flip_moves_boxes_and_masks_with_the_pixels(tmp_path):

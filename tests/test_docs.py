@@ -53,7 +53,7 @@ SMOKE = {
     "python train.py --model fpn_tiny": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --dataset ade20k --pretrained pretrained/RN50.pt": [*SHORT, "--out-dir", "runs/smoke"],
     "torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt "
-    "--out-dir runs/r50": [*TINY, *SHORT],
+    "--out-dir runs/r50": [*TINY, *SHORT, "--out-dir", "runs/smoke"],  # runs/r50 holds the fixture's checkpoint
     "python eval.py runs/r50/iter_080000.pt --dataset ade20k --aug-test": ["--scale", "256", "128", "--workers", "0"],
     "python eval.py denseclip_fpn_res50.pth --model denseclip_r50 --dataset ade20k": [*TINY, "--scale", "48", "32",
                                                                                      "--val-size", "2", "--workers",
@@ -67,7 +67,17 @@ SMOKE = {
     # the fixture)
     "python -c \"from PIL import Image; from denseclip.data.procedural import ProceduralShapes as P; "
     "Image.fromarray(P('val').raw(11)[0]).save('shapes.png')\"": [],
-    "python demo.py runs/demo/iter_003000.pt shapes.png --out-dir docs --score-maps circle,ring,heart": [],
+    "python demo.py runs/demo/iter_003000.pt shapes.png --out-dir runs/demo_pictures --score-maps circle,ring,heart":
+        [],
+    "python demo.py pretrained/random_tiny.pt shapes.png --zero-shot --classes circle,ring,heart --out-dir "
+    "runs/zs_pictures": [],
+    "python tools/doc_pictures.py runs/demo --baseline runs/fpn_demo --detector runs/retina_demo": [
+        "--out-dir", "runs/doc_pictures"],
+    "python tools/plot_log.py runs/demo runs/fpn_demo": [],
+    'pip install -e ".[plot]"': [],
+    # docs/zero-shot.md: the web demo (served in a thread and closed again: test_documented_command_runs)
+    'pip install -e ".[web]"': [],
+    "python demo.py runs/demo/iter_003000.pt --serve": [],
     "python eval.py pretrained/RN50.pt --zero-shot --dataset ade20k": ["--scale", "48", "32", "--val-size", "2",
                                                                       "--workers", "0"],
     "python tools/random_clip.py pretrained/random_tiny.pt": [],
@@ -254,6 +264,9 @@ def project(tmp_path_factory):
     # and the demo's input image.
     train.main([*SHORT, "--out-dir", str(root / "runs/demo")])
     shutil.move(root / "runs/demo/iter_000001.pt", root / "runs/demo/iter_003000.pt")
+    (root / "runs/fpn_demo").mkdir()  # a baseline run to compare curves with: the same log will do
+    shutil.copy(root / "runs/demo/log.jsonl", root / "runs/fpn_demo/log.jsonl")
+    shutil.copytree(root / "runs/retina_r50", root / "runs/retina_demo")  # a detector run for the docs' pictures
     script_main("tools/random_clip.py")([str(root / "pretrained/random_tiny.pt")])
     script_main("tools/random_clip.py")([str(root / "pretrained/random_vit.pt"), "--vit"])
     script_main("tools/export.py")([str(root / "runs/demo/iter_003000.pt"), "--formats", "safetensors"])
@@ -275,6 +288,7 @@ def script_main(path: str):
 def test_documented_command_runs(command, project, monkeypatch):
     words, extra = shlex.split(command), SMOKE[command]
     monkeypatch.chdir(project)
+    shutil.rmtree(project / "runs/smoke", ignore_errors=True)  # a fresh run each: train.py refuses another's folder
     if words[0] == "pip":
         out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
                               "--no-index", *[w.replace(".", str(ROOT), 1) if w.startswith(".") else w
@@ -296,6 +310,13 @@ def test_documented_command_runs(command, project, monkeypatch):
         main, argv = importlib.import_module(words[2]).main, words[3:]
     else:
         main, argv = script_main(words[1]), words[2:]
+    if "--serve" in argv:  # the web demo: served until it answers, then closed
+        from denseclip.run import web
+
+        port, thread = web.start_in_thread(lambda port: main([*argv, *extra, "--port", str(port)]))
+        web.stop(thread)
+        assert not thread.is_alive()
+        return
     try:
         main([*argv, *extra])
     except SystemExit as e:  # --help

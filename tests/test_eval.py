@@ -17,7 +17,7 @@ import eval as evaluation  # noqa: E402
 from denseclip.configs import config_overrides  # noqa: E402
 from denseclip.run.evaluate import AUG_RATIOS, evaluate  # noqa: E402
 from denseclip.run.tasks import SEGMENTATION  # noqa: E402
-from denseclip.run.visualize import palette  # noqa: E402
+from denseclip.run.visualize import class_colours  # noqa: E402
 from denseclip.data.procedural import ProceduralShapes, SHAPE_CLASSES  # noqa: E402
 from denseclip.errors import ConfigError  # noqa: E402
 from denseclip import build_model  # noqa: E402
@@ -68,8 +68,8 @@ def test_evaluate_ratio_one_equals_default(model):
 
 
 def test_official_checkpoint_show_dir_and_out(model, tmp_path, capsys):
-    """An mmseg-style {'state_dict': ...} file, a folder dataset with a sub-folder; colourised predictions are
-    palette PNGs named after the images whose pixel values are the predicted classes."""
+    """An mmseg-style {'state_dict': ...} file, a folder dataset with a sub-folder; pictures named after the images
+    (tests/test_pictures.py checks what they show) and label PNGs whose pixel values are the predicted classes."""
     data = make_folder_dataset(tmp_path / "data", n_train=1, n_val=3)
     ckpt = tmp_path / "official.pth"
     torch.save({"state_dict": model.state_dict(), "meta": {"iter": 80000}}, ckpt)
@@ -77,12 +77,15 @@ def test_official_checkpoint_show_dir_and_out(model, tmp_path, capsys):
     res = evaluation.main([str(ckpt), "--model", "denseclip_tiny", *data, "--crop-size", "64", "--workers", "0",
                            "--show-dir", str(show), "--out", str(out)])
     assert json.loads(out.read_text())["mIoU"] == res["mIoU"]
-    assert sorted(p.relative_to(show).as_posix() for p in show.rglob("*.png")) == [f"sub/{i}.png" for i in range(3)]
-    im = Image.open(show / "sub" / "0.png")
+    assert sorted(p.relative_to(show).as_posix() for p in show.rglob("*.png")) == [
+        f"sub/{i}{s}.png" for i in range(3) for s in ("", "_label")]
+    im = Image.open(show / "sub" / "0_label.png")
     label = np.asarray(Image.open(tmp_path / "data" / "annotations" / "validation" / "sub" / "0.png"))
     assert im.mode == "P" and im.size == label.shape[::-1]  # at the label's (original) resolution
-    assert im.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
+    assert im.getpalette()[:6] == [*class_colours(2)[0], *class_colours(2)[1]]  # the pictures' colours
     assert np.asarray(im).max() < len(SHAPE_CLASSES)
+    title = json.loads(Image.open(show / "sub" / "0.png").text["title"])
+    assert title == ["model denseclip_tiny | checkpoint official.pth | image sub/0.png"]
     with pytest.raises(SystemExit):
         evaluation.main([str(ckpt), *data])
     assert "--model is required" in capsys.readouterr().err
@@ -108,6 +111,7 @@ def test_config_overrides():
         config_overrides(["head_dropuot=0"])
 
 
-def test_palette_is_fixed():
-    pal = palette()
-    assert len(pal) == 768 and pal[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0] and pal[-3:] == [224, 224, 192]
+def test_class_colours_are_fixed():
+    """Class k keeps its colour across runs and class counts (the label PNGs and pictures of two runs compare)."""
+    assert class_colours(3) == ((31, 119, 180), (255, 127, 14), (44, 160, 44))
+    assert class_colours(150)[:12] == class_colours(12)

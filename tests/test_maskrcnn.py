@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 import official_keys
 from denseclip import build_model
 from denseclip.run.tasks import task_for
-from denseclip.run.visualize import draw_detections, palette
+from denseclip.run.visualize import class_colours, detection_picture
 from denseclip.checkpoint import CheckpointError, load_checkpoint, mmdet_maskrcnn_heads_to_ours
 from denseclip.data.coco import CocoDetection
 from denseclip.data.procedural import ProceduralDetection
@@ -216,12 +216,18 @@ def test_show_dir_picture_draws_boxes_and_mask_outlines():
     mask[0, 10:20, 5:25] = 1
     det = {"boxes": torch.tensor([[30.0, 5.0, 45.0, 35.0]]), "scores": torch.tensor([0.9]),
            "labels": torch.tensor([1]), "masks": mask}
-    pic = np.asarray(draw_detections(image, det, NAMES))
-    colour = palette()[6:9]  # class 1 -> palette index 2
-    assert pic.shape == (40, 50, 3) and (pic[20, 30] == colour).all() and (pic[5, 38] == colour).all()  # box edges
-    assert (pic[10, 5:25] == colour).all() and (pic[15, 5] == colour).all() and (pic[15, 10:20] == 0).all()
-    low = {**det, "scores": torch.tensor([0.1])}
-    assert not np.asarray(draw_detections(image, low, NAMES)).any()  # under the score threshold
+    picture, info = detection_picture(image, det, NAMES)
+    x0, y0, f = info["view"]  # the 50 x 40 image is enlarged 8 times
+    pic = np.asarray(picture)[y0:y0 + 40 * f, x0:x0 + 50 * f]
+    colour = class_colours(len(NAMES))[1]
+    assert f == 8 and (pic[20 * f, 30 * f] == colour).all() and (pic[35 * f - 1, 38 * f] == colour).all()  # box
+    assert (pic[10 * f, 5 * f:25 * f] == colour).all() and (pic[15 * f, 5 * f] == colour).all()  # mask outline
+    inside = pic[15 * f, 10 * f:20 * f].astype(int)  # the mask's inside: the colour lightly over the black image
+    assert np.abs(inside - np.round(0.35 * np.array(colour))).max() <= 1
+    assert info["legend"][0]["name"] == NAMES[1] and info["legend"][0]["boxes"] == 1
+    low, info = detection_picture(image, {**det, "scores": torch.tensor([0.1])}, NAMES)
+    assert not np.asarray(low)[y0:y0 + 40 * f, x0:x0 + 50 * f].any()  # under the score threshold: nothing drawn
+    assert info["note"] == "no detection with score >= 0.30"
 
 
 # ------------------------------------------------------------------------------------ official checkpoints

@@ -60,5 +60,5 @@ def test_text_free_export_answers_for_training_names_only(model):
                               score_map(model, zg, zd, ["star", "circle"]), atol=1e-5)
         with pytest.raises(ValueError, match="no text encoder"):
             score_map(export, zg, zd, ["kettle"])
-    with pytest.raises(ValueError, match="needs more than 5 tokens"):
+    with pytest.raises(ValueError, match="more than class_token_length 5"):
         language.name_tokens(model, ["a very long name of a thing"])

@@ -29,9 +29,10 @@ import torch
 from denseclip.clip import CLIP_MEAN, CLIP_STD
 from denseclip.configs import CONFIGS, task_of
 from denseclip.data.segmentation import read_class_names
-from denseclip.errors import ConfigError, require_package, run_main
+from denseclip.errors import ConfigError, require_package, run_main, whole
 from denseclip.language import drop_text_encoder
 from denseclip.run.checkpoints import EXPORT_FORMAT, EXPORT_VERSION, export_json, model_from_checkpoint
+from denseclip.run.outputs import check_out_dir
 
 # The data options eval.py and demo.py take from a train.py checkpoint (eval.py's INHERIT less the model's own).
 DATA_KEYS = ("dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
@@ -55,10 +56,10 @@ def parse_args(argv=None):
                    help="default: both for a segmentor, safetensors for a detector")
     p.add_argument("--text-free", action="store_true", help="safetensors without the text encoder (no open "
                                                             "vocabulary, RN50: 63M parameters fewer)")
-    p.add_argument("--check-sizes", type=int, nargs=4, metavar=("H1", "W1", "H2", "W2"),
+    p.add_argument("--check-sizes", type=whole(MIN_SIDE), nargs=4, metavar=("H1", "W1", "H2", "W2"),
                    help="the two input sizes of the ONNX check (default: the test crop squared, and a smaller size "
                         "that is no multiple of 32)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+    p.add_argument("--opset", type=whole(7), default=18, help="ONNX opset version (default 18)")
     return p.parse_args(argv)
 
 
@@ -153,6 +154,8 @@ def class_names(value):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    check_out_dir(out.parent, "--out")  # before the model is loaded: its folder is made if missing
     model, report, saved = model_from_checkpoint(args.checkpoint, args.model, class_names(args.class_names),
                                                  args.overrides)
     if report.kind != "model":
@@ -162,7 +165,6 @@ def main(argv=None):
     if "onnx" in formats and task != "segmentation":
         raise ConfigError(f"{saved['model']} is a {task} model: the ONNX export is for segmentors (use --formats "
                           "safetensors)")
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     if "safetensors" in formats:
         exported = drop_text_encoder(copy.deepcopy(model)) if args.text_free else model

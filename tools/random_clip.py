@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from denseclip.clip import CLIP, TextEncoder, VisionTransformer
-from denseclip.resnet import ModifiedResNet
 from denseclip.configs import denseclip_tiny
+from denseclip.errors import run_main, whole
+from denseclip.resnet import ModifiedResNet
+from denseclip.run.outputs import check_out_file
 
 
 def random_clip(seed: int = 0, vit: bool = False) -> CLIP:
@@ -35,9 +37,10 @@ def openai_state_dict(model: CLIP) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="file to write (a plain state dict; load_clip and eval.py --zero-shot read it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole(0, 2 ** 31 - 1), default=0, help="seed of the random weights (default 0)")
     p.add_argument("--vit", action="store_true", help="a ViT/16 image tower (128 px, 4 blocks) instead of the ResNet")
     args = p.parse_args(argv)
+    check_out_file(args.out, "output file", make_folder=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(openai_state_dict(random_clip(args.seed, args.vit)), args.out)
     what = "a small ViT/16 image tower" if args.vit else "denseclip_tiny's towers"
@@ -45,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,19 +16,27 @@ Differences from mmdet, on purpose:
 - crowd boxes are left out of training targets (mmdet passes them as `gt_bboxes_ignore`, which RetinaNet's
   assigner, `ignore_iof_thr=-1`, does not use: the same training); COCOeval still uses them, as COCO defines;
 - training skips images without a usable box (mmdet keeps an image whose only annotations are crowd ones);
-- a json that is not COCO-format or has entries without the fields read fails naming the file and counting them
-  (read_coco_json; mmdet raises a KeyError when it first meets one).
+- a json that is not COCO-format, or has entries without the fields read or with values the loader would misread
+  (ids that are not integers, NaN boxes, a file_name that is absolute or climbs out of the image folder), fails
+  naming the file, counting them and showing the first by id (read_coco_json; mmdet raises a KeyError or a
+  TypeError when it first meets one, or reads the file elsewhere). The rest of what a run reads (polygons, RLE
+  sizes, masks for Mask R-CNN, ...) is checked by the pre-flight (preflight_coco.py).
 """
 import contextlib
 import io
 import json
-from pathlib import Path
+import math
+import posixpath
+import reprlib
+import sys
+from pathlib import Path, PureWindowsPath
+from typing import Optional
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from ..errors import DataError
+from ..errors import DataError, MissingFileError
 from .image_io import read_image
 from .transforms import sample_rng
 
@@ -37,6 +45,10 @@ from .transforms import sample_rng
 FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations": ("id", "image_id", "category_id", "bbox"),
           "categories": ("id", "name")}
 EVAL_FIELDS = ("iscrowd", "area")
+ENTRY = {"images": "image", "annotations": "annotation", "categories": "category"}  # how one entry is named
+ID_LIMIT = 2 ** 53  # ids are used as dict keys, as int64 image_id tensors, and by COCOeval as float64 (exact to 2^53)
+SHOWN = reprlib.Repr()  # how a bad value is quoted: short, and safe on any nesting (json.load's limit is ~1000 levels)
+SHOWN.maxlevel, SHOWN.maxstring, SHOWN.maxother = 3, 60, 60
 
 
 def quiet_coco(dataset: dict) -> COCO:
@@ -48,43 +60,100 @@ def quiet_coco(dataset: dict) -> COCO:
     return coco
 
 
-def well_formed(key: str, entry, fields) -> bool:
-    """An entry of the json's `key` list (images, annotations, categories) with `fields`, the image size numbers, the
-    bbox 4 numbers."""
-    if not isinstance(entry, dict) or any(f not in entry for f in fields):
-        return False
+def is_id(value) -> bool:
+    """A JSON integer (not true / false, which Python counts as 1 / 0; not 3.0 or "3") within +-2^53."""
+    return type(value) is int and -ID_LIMIT <= value <= ID_LIMIT
+
+
+def is_number(value) -> bool:
+    """A finite JSON number (json.load reads NaN, Infinity and 1e999 as floats: none is a pixel position)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def path_problem(name) -> Optional[str]:
+    """Why an image's file_name cannot be read under the image folder, or None. It must be a relative path that
+    stays inside the folder: an absolute one or one that climbs out with '..' would read (and, for pictures named
+    after it, write) files elsewhere. Symbolic links inside the folder are followed: they were put there by
+    whoever made the folder, not read from the json."""
+    if type(name) is not str or not name.strip():
+        return "is not a non-empty string"
+    if "\0" in name:
+        return "holds a NUL character"
+    name = name.replace("\\", "/")  # a Windows-made json: its separators, and its drives, are refused too
+    if name.startswith("/") or PureWindowsPath(name).drive:
+        return "is absolute (file_name is relative to the image folder)"
+    normal = posixpath.normpath(name)
+    if normal == ".." or normal.startswith("../"):
+        return "climbs out of the image folder ('..')"
+    return "names the image folder itself" if normal == "." else None
+
+
+def entry_problems(key: str, entry: dict, evaluated: bool):
+    """(field, what is wrong) for each field of one images / annotations / categories entry that the loader,
+    pycocotools or COCOeval would choke on or silently misread."""
+    problems = [(f, "missing") for f in FIELDS[key] + (EVAL_FIELDS if evaluated and key == "annotations" else ())
+                if f not in entry]
+    ids = ("id", "image_id", "category_id") if key == "annotations" else ("id",)
+    problems += [(f, "not an integer within +-2^53") for f in ids if f in entry and not is_id(entry[f])]
     if key == "images":
-        return all(isinstance(entry[f], (int, float)) for f in ("width", "height"))
-    if key == "annotations":
-        box = entry["bbox"]
-        return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-    return True
+        problems += [(f, "not a positive whole number of pixels") for f in ("width", "height")
+                     if f in entry and not (is_id(entry[f]) and entry[f] > 0)]
+        why = path_problem(entry["file_name"]) if "file_name" in entry else None
+        problems += [("file_name", why)] if why else []
+    elif key == "annotations":
+        box = entry.get("bbox", [])
+        if "bbox" in entry and not (type(box) is list and len(box) == 4 and all(map(is_number, box))):
+            problems.append(("bbox", "not 4 finite numbers [x, y, width, height]"))
+        if "iscrowd" in entry and entry["iscrowd"] not in (0, 1):  # True / False are 1 / 0 too
+            problems.append(("iscrowd", "not 0 or 1"))
+        if "area" in entry and not is_number(entry["area"]):
+            problems.append(("area", "not a finite number"))
+    elif "name" in entry and type(entry["name"]) is not str:
+        problems.append(("name", "not a string (the text encoder reads it)"))
+    return problems
+
+
+def json_problems(dataset: dict, evaluated: bool):
+    """Lines of what in a parsed COCO-format json (with its three lists) the loader cannot read: each kind counted,
+    the first entry named by its id (or by its position when the id is the problem) with the value."""
+    kinds = {}  # (key, field, what) -> [count, the first offender]
+    for key in FIELDS:
+        for index, entry in enumerate(dataset[key]):
+            if not isinstance(entry, dict):
+                kinds.setdefault((key, "", "not an object"), [0, f"{key}[{index}]: {SHOWN.repr(entry)}"])[0] += 1
+                continue
+            for field, what in entry_problems(key, entry, evaluated):
+                name = f"{ENTRY[key]} id {entry['id']}" if field != "id" and is_id(entry.get("id")) \
+                    else f"{key}[{index}]"
+                value = f": {field} {SHOWN.repr(entry[field])}" if field in entry else ""
+                kinds.setdefault((key, field, what), [0, name + value])[0] += 1
+    return [f"{n} of its {len(dataset[key])} {key}: {field + ' ' if field else ''}{what} (the first: {first})"
+            for (key, field, what), (n, first) in kinds.items()]
 
 
 def read_coco_json(path, evaluated: bool = False) -> COCO:
-    """The COCO-format json at `path` as a pycocotools COCO. DataError naming the file when it is not JSON, lacks
-    the images / annotations / categories lists, or has entries without the fields in FIELDS (width, height and
-    bbox numbers; evaluated: also EVAL_FIELDS, which COCOeval reads), counting them and showing the first."""
+    """The COCO-format json at `path` as a pycocotools COCO. DataError naming the file when it cannot be read, is
+    not JSON (or is nested too deep to parse), lacks the images / annotations / categories lists, or has entries
+    whose fields (FIELDS; evaluated: also EVAL_FIELDS, which COCOeval reads) are missing or of a kind the loader
+    cannot use (json_problems): each kind counted, the first offender named by id, field and value."""
     try:
         with open(path, "rb") as f:
             dataset = json.load(f)
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to parse (over ~{sys.getrecursionlimit()} levels of [ or "
+                        "{); a COCO-format json is a few levels deep") from None
     except ValueError as e:  # json's decode errors and UnicodeDecodeError are ValueErrors
         raise DataError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise DataError(f"{path} cannot be read: {e}") from e
     missing = [k for k in FIELDS if not isinstance(dataset, dict) or not isinstance(dataset.get(k), list)]
     if missing:
         raise DataError(f"{path} has no {' / '.join(map(repr, missing))} list; a COCO-format json is an object with "
                         "'images', 'annotations' and 'categories' lists (see data/README.md)")
-    problems = []
-    for key, fields in FIELDS.items():
-        fields += EVAL_FIELDS if evaluated and key == "annotations" else ()
-        bad = [e for e in dataset[key] if not well_formed(key, e, fields)]
-        if bad:
-            notes = {"images": ["width, height: numbers"], "annotations": ["bbox: 4 numbers"]}.get(key, [])
-            notes += ["COCOeval reads iscrowd and area"] if evaluated and key == "annotations" else []
-            problems.append(f"{len(bad)} of its {len(dataset[key])} {key} lack one of {', '.join(fields)}"
-                            f"{' (' + '; '.join(notes) + ')' if notes else ''} (the first: {str(bad[0])[:200]})")
+    problems = json_problems(dataset, evaluated)
     if problems:
-        raise DataError(f"{path}: " + "; ".join(problems))
+        lines = "".join(f"\n  {p}" for p in problems) if len(problems) > 1 else f" {problems[0]}"
+        raise DataError(f"{path}:{lines}")
     return quiet_coco(dataset)
 
 
@@ -125,9 +194,9 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, img_dir, ann_file, train: bool = False, seed: int = 0, masks: bool = False):
         self.img_dir, self.train, self.seed, self.masks, self.epoch = Path(img_dir), train, seed, masks, 0
         if not Path(ann_file).is_file():
-            raise FileNotFoundError(f"annotation file {ann_file} not found; see data/README.md for the layout")
+            raise MissingFileError(f"annotation file {ann_file} not found; see data/README.md for the layout")
         if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"image folder {self.img_dir} does not exist; see data/README.md")
+            raise MissingFileError(f"image folder {self.img_dir} does not exist; see data/README.md")
         self.coco = read_coco_json(ann_file, evaluated=not train)  # validation is scored by COCOeval
         self.cat_ids = sorted(self.coco.getCatIds())  # class k <-> COCO id cat_ids[k] (COCO's ids skip numbers)
         self.label_of = {c: k for k, c in enumerate(self.cat_ids)}
@@ -156,6 +225,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64),
                 anns)
 
+    def image_file(self, image_id: int) -> Path:
+        """The file of an image (its file_name is relative and stays inside img_dir: read_coco_json)."""
+        return self.img_dir / self.coco.imgs[image_id]["file_name"]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -164,12 +237,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        path = self.img_dir / info["file_name"]
+        info, path = self.coco.imgs[image_id], self.image_file(image_id)
         image = read_image(path)
         if image.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} (w x h) but its annotation says "
-                             f"{info['width']}x{info['height']}")
+            raise DataError(f"image {path} is {image.shape[1]}x{image.shape[0]} (w x h) but its annotation says "
+                            f"{info['width']}x{info['height']}")
         boxes, labels, anns = self.annotations(image_id)
         target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(image_id, dtype=torch.int64)}
         if self.masks:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..configs import check_class_names
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError, whole
 from . import transforms
 from .classes import ADE20K_CLASSES
 from .coco import CocoDetection
@@ -15,6 +15,7 @@ from .segmentation import ADE20K, FolderSegmentation, read_class_names
 
 
 # -------------------------------------------------------------------------------------------- options
+MIN_SIDE = 32  # the smallest image side (--crop-size, --scale) the models take: the image encoder's output stride
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The scripts' --help: description and epilog as written (they hold examples), and every option's help ending
     with its default, as argparse.ArgumentDefaultsHelpFormatter does, unless the text already says it. An option
@@ -57,16 +58,16 @@ def add_data_args(p: argparse.ArgumentParser, evaluation: bool = False, recipe: 
     g.add_argument("--reduce-zero-label", action="store_true", help="folder: label 0 is 'other' (ignored), k -> k-1")
     g.add_argument("--class-names", help="folder (needed there): a text file with one class name per line, or "
                                          "'cat,dog,sky' (default: the dataset's own names)")
-    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
+    g.add_argument("--scale", type=whole(MIN_SIDE), nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
                    help="test images are resized (keep ratio) to fit these bounds (default 2048 512)" if evaluation
                    else "resize bound (keep ratio) for training (x U(0.5, 2)) and test images (default 2048 512)")
-    g.add_argument("--crop-size", type=int,
+    g.add_argument("--crop-size", type=whole(MIN_SIDE),
                    help="procedural: the image size (default: the model's input_resolution; detection: min_size); "
                         "file datasets: unused (see --scale)" if evaluation else
                    "training crop (default: the model's input_resolution); procedural: the image size")
-    g.add_argument("--train-size", type=int,
+    g.add_argument("--train-size", type=whole(1),
                    help=train_only or f"procedural: training images per epoch (default: {recipe})")
-    g.add_argument("--val-size", type=int, help="evaluate on the first N validation images only (quick checks; "
+    g.add_argument("--val-size", type=whole(0), help="evaluate on the first N validation images only (quick checks; "
                                                 "default and 0: all)")
     g.add_argument("--check-data", choices=["quick", "full", "off"], default="quick",
                    help=f"pre-flight before {'evaluating' if evaluation else 'the first step'} (default: %(default)s): "
@@ -86,6 +87,14 @@ def class_names_arg(value: str) -> list:
         raise MissingFileError(f"--class-names {value}: no such file (give a text file with one class name per "
                                "line, or the names themselves: 'cat,dog,sky')")
     return check_class_names(value.split(","))
+
+
+def name_list(text: str) -> list:
+    """An argparse type: comma-separated class names ('disc, box'), stripped; none empty, none repeated."""
+    try:
+        return check_class_names([n.strip() for n in text.split(",")])
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def split_files(args, split: str):

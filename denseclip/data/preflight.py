@@ -12,14 +12,9 @@ orientation applied to the image, as the loader does), not by decoding; labels s
 one micro-batch; and the validation labels, read at every evaluation, fully decoded with their values checked
 against the classes. full: also decode every training image and label (corrupt files, label values outside the
 classes).
-COCO-format detection (coco), quick: each json parses as the loader reads it (coco.read_coco_json: JSON, the
-images / annotations / categories lists, the fields read of every entry); no annotation points to an unknown image
-or category (the loader would silently lose it), no id repeats (pycocotools keeps the last), no validation
-annotation has id 0 (COCOeval's 'no match'); training and validation have the same categories (ids and names);
-every image the loader reads (training: those with a usable box; validation: all) exists, its upright size from
-the header equal to the json's width x height (the loader refuses it otherwise); enough training images with a
-usable box for one micro-batch. Crowd, degenerate and out-of-image boxes are no error (the loader drops or clips
-them, as mmdet): the summary counts them. full: also decode every image.
+COCO-format detection (coco): every field the loader, the detector and COCOeval read, per json, annotation,
+category and image (quick), and every image through the loader itself (full); the list is preflight_coco.py's
+docstring.
 Files are read by a thread pool (Pillow decodes without the GIL; on network file systems the latency overlaps).
 Under torchrun rank 0 checks and every rank raises the same error.
 
@@ -29,18 +24,18 @@ first drawn (or, for validation, at the first evaluation), and an image without 
 import argparse
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from ..errors import DataError, run_main
+from ..configs import CONFIGS
+from ..errors import DataError, run_main, whole
 from ..progress import progress
-from . import coco, image_io, segmentation
-from .options import HelpFormatter, add_data_args, coco_files, dataset_class_names, split_files
+from . import image_io, segmentation
+from .options import HelpFormatter, add_data_args, dataset_class_names, split_files
+from .preflight_coco import check_coco
 from .image_io import IMAGE_SUFFIXES
 from .transforms import IGNORE_INDEX
 
@@ -64,7 +59,7 @@ class Findings:
         lines = []
         for kind, items in self.kinds.items():
             lines.append(f"  {len(items)} {kind}:")
-            lines += [f"    {x}" for x in items[:SHOW]]
+            lines += ["    " + x.replace("\n", "\n      ") for x in items[:SHOW]]  # an item's own lines indented
             if len(items) > SHOW:
                 lines.append(f"    ... and {len(items) - SHOW} more")
         return "\n".join(lines)
@@ -176,96 +171,6 @@ def check_segmentation(args, min_train: int, splits, findings: Findings, pool) -
     return ", ".join(f"{n} {s} pairs" for s, n in counts.items()) + f" OK ({what})"
 
 
-# ---------------------------------------------------------------------------- COCO-format detection data
-def _listed(path: Path, size, ann: Path, missing: str):
-    """(kind, message) of the first problem of an image listed in `ann` with `size` (w, h), seen from its
-    header, or None."""
-    try:
-        with Image.open(path) as im:
-            upright = image_io.oriented_size(im)
-    except FileNotFoundError:
-        return missing, path
-    except (OSError, ValueError, SyntaxError) as e:
-        return "unreadable image(s)", f"{path}: {e}"
-    if upright != tuple(size):
-        return ("image(s) whose size differs from their annotation file",
-                f"{path} is {upright[0]}x{upright[1]} (upright) but {ann} says {size[0]}x{size[1]}")
-    return None
-
-
-def check_coco_split(name: str, files, full: bool, findings: Findings, pool):
-    """Check one split of COCO-format data; add what is wrong to `findings`; return its dataset as the loader
-    builds it (coco.CocoDetection), or None when it cannot be built."""
-    images, ann = files
-    for path, what, ok in ((ann, "annotation file", ann.is_file()), (images, "image folder", images.is_dir())):
-        if not ok:
-            findings.add("missing file(s) or folder(s)", f"{path} ({name} {what}); see data/README.md for the layout")
-    if not (ann.is_file() and images.is_dir()):
-        return None
-    try:
-        dataset = coco.CocoDetection(images, ann, train=name == "train")
-    except DataError as e:  # not JSON, no images / annotations / categories, entries without their fields
-        findings.add("unusable annotation file(s)", e)
-        return None
-    gt = dataset.coco
-    for a in gt.dataset["annotations"]:
-        for key, known, where in (("image_id", gt.imgs, "images"), ("category_id", gt.cats, "categories")):
-            if a[key] not in known:  # the loader never sees it: an annotation silently lost
-                findings.add(f"{name} annotation(s) in {ann} whose {key} is not in its {where}",
-                             f"annotation id {a['id']}: {key} {a[key]}")
-        if a["id"] == 0 and name == "val":
-            findings.add(f"annotation(s) with id 0 in {ann} (COCOeval reads id 0 as 'no match': a detection "
-                         "matched to it would count as a false positive)", a)
-    for key, what in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
-        for i, n in Counter(e["id"] for e in gt.dataset[key]).items():
-            if n > 1:
-                findings.add(f"duplicate {what} id(s) in {ann} (pycocotools keeps only the last)", f"id {i}: {n}x")
-    jobs = [(images / gt.imgs[i]["file_name"], (gt.imgs[i]["width"], gt.imgs[i]["height"])) for i in dataset.ids]
-    lost = f"{name} image(s) listed in {ann} but missing under {images}"
-    headers = list(progress(pool.map(lambda job: _listed(*job, ann, lost), jobs), f"scan {name}", total=len(jobs)))
-    for problem in filter(None, headers):
-        findings.add(*problem)
-    if full:  # files whose header failed are reported already
-        decodable = [path for (path, _), problem in zip(jobs, headers) if problem is None]
-        for problem in progress(pool.map(_corrupt, decodable), f"decode {name}", total=len(decodable)):
-            if problem:
-                findings.add(*problem)
-    return dataset
-
-
-def check_coco(args, min_train: int, splits, findings: Findings, pool) -> str:
-    """Check --dataset coco (see the module docstring); return the summary's counts."""
-    files = {split: coco_files(args, split) for split in splits}
-    sets = {s: check_coco_split(s, files[s], args.check_data == "full", findings, pool) for s in splits}
-    train, val = sets.get("train"), sets.get("val")
-    if train is not None and len(train) < min_train:
-        findings.add("too few training samples", f"{len(train)} training images with a usable box make no "
-                     f"micro-batch of {min_train} (--batch-size x processes); lower --batch-size or add data")
-    if val is not None and len(val) == 0:
-        findings.add("empty validation split", f"no images in {files['val'][1]}")
-    cats = {s: {c: x["name"] for c, x in d.coco.cats.items()} for s, d in sets.items() if d is not None}
-    if len(cats) == 2:
-        a, b = cats["train"], cats["val"]
-        for c in sorted(a.keys() | b.keys()):
-            if a.get(c) != b.get(c):
-                findings.add(f"category id(s) that differ between {files['train'][1]} and {files['val'][1]} (the "
-                             "model would be scored on classes it did not learn)",
-                             f"id {c}: {a[c]!r} in training, {b[c]!r} in validation" if c in a and c in b else
-                             f"id {c}: only in {'training' if c in a else 'validation'} ({a.get(c, b.get(c))!r})")
-    if findings:
-        return ""  # _run raises
-    counts = []
-    for split, dataset in sets.items():
-        counts.append(f"{split} {len(dataset.coco.imgs)} images")
-        if split == "train":  # what the loader drops or clips is no error: counted with its own rule
-            n = len(dataset.coco.anns)
-            unused = n - sum(len(dataset.annotations(i)[2]) for i in dataset.coco.imgs)
-            counts[-1] += (f" ({len(dataset)} with a usable box; {unused} of {n} annotations unused: crowd, "
-                           "degenerate or outside the image)")
-    what = "every image decoded" if args.check_data == "full" else "files and sizes from headers"
-    return ", ".join(counts) + f", {len(next(iter(cats.values())))} categories OK ({what})"
-
-
 # ---------------------------------------------------------------------------------------------- driver
 OPTIONS = {check_coco: "--data-root, --train-ann, --train-images, --val-ann, --val-images",
            check_segmentation: "--data-root, --img-suffix, --seg-suffix, --reduce-zero-label, --class-names"}
@@ -317,7 +222,10 @@ def main(argv=None):
                                             "COCO-format detection (the jsons consistent, every image listed there, "
                                             "readable, of the size the json says).")
     add_data_args(p, recipe="train.py's recipe, see python train.py --help")
-    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (x processes) to expect")
+    p.add_argument("--batch-size", type=whole(1), default=1, help="images per micro-batch (x processes) to expect")
+    p.add_argument("--model", choices=sorted(CONFIGS), metavar="NAME",
+                   help="coco: the detector the data is for (its class_token_length, min_size / max_size, Mask "
+                        "R-CNN's masks; with --set); default: a DenseCLIP RetinaNet's defaults")
     p.set_defaults(check_data="full")
     args = p.parse_args(argv)
     args.seed = 0

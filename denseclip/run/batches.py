@@ -1,7 +1,18 @@
 """The training batch stream: endless, distributed, resumable from (epoch, samples seen) alone; and moving a batch
 to the device."""
+import signal
+
 import numpy as np
 import torch
+
+
+def ignore_stop_signals(worker_id: int):
+    """DataLoader worker_init_fn: a worker ignores SIGINT and SIGTERM. Ctrl-C reaches every process of the terminal's
+    group and a scheduler's SIGTERM every process of the job; the main process decides when to stop (train.py: at
+    the next step boundary, after a checkpoint) and then ends its workers itself. A worker that died of the signal
+    first would make the step that is still running fail ("DataLoader worker exited unexpectedly")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_detection(batch):
@@ -43,7 +54,7 @@ def train_batches(dataset, batch_size: int, rank: int, world: int, seed: int, ep
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                              pin_memory=torch.cuda.is_available(),
                                              generator=torch.Generator().manual_seed(seed + epoch),
-                                             collate_fn=collate)
+                                             collate_fn=collate, worker_init_fn=ignore_stop_signals)
         for k, (images, labels) in enumerate(loader, 1):
             yield epoch, seen + k * per_step, images, labels
         epoch, seen = epoch + 1, 0

@@ -12,32 +12,35 @@ import torch.distributed as dist
 
 from ..data.coco import CocoDetection
 from ..progress import progress
-from .batches import to_device
+from .batches import ignore_stop_signals, to_device
+from .outputs import inside
 from .step import autocast
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
 
 
 def image_name(dataset, index: int) -> str:
-    """Where the picture of sample `index` goes under --show-dir: the image's relative path, as .png."""
+    """Where the picture of sample `index` goes under --show-dir: the image's relative path, as .png (a name from
+    the json that would climb out of --show-dir keeps only its parts that stay in)."""
     if hasattr(dataset, "samples"):
         return Path(dataset.samples[index][0]).relative_to(dataset.img_dir).with_suffix(".png").as_posix()
     if isinstance(dataset, CocoDetection):
-        return Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).with_suffix(".png").as_posix()
+        return Path(inside(dataset.coco.imgs[dataset.ids[index]]["file_name"])).with_suffix(".png").as_posix()
     return f"{index:06d}.png"
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None, **test):
+def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None, show_title=(), **test):
     """The task's metric of `model` on `dataset` (segmentation: a metrics.ConfusionMatrix, detection: a
     coco_eval.CocoEvaluator), summed over all ranks. test: the task's test options (segmentation: mode, ratios,
-    flip). show_dir: also write the task's picture of each prediction there, named after the image."""
+    flip). show_dir: also write the task's pictures of each prediction there (task.show), named after the image,
+    titled show_title (e.g. model and checkpoint) and the image's name."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))  # unpadded shard: every image counted exactly once
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=workers, collate_fn=task.collate,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     metric = task.metric(model, dataset)
     for index, batch in progress(zip(indices, loader), "eval", total=len(indices)):
         images, targets = to_device(batch, device)
@@ -45,8 +48,7 @@ def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None,
             output = task.predict(model, images, targets, **test)
         task.update(metric, index, output, targets)
         if show_dir:
-            path = Path(show_dir) / image_name(dataset, index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            task.picture(images, output, dataset).save(path)
+            name = image_name(dataset, index)
+            task.show(images, output, dataset, Path(show_dir) / name, (*show_title, f"image {name}"))
     metric.reduce_from_all_processes()
     return metric

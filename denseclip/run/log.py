@@ -9,10 +9,12 @@ On a terminal (stderr a tty, rank 0) the meter also keeps a live line up to date
 line, it/s and the ETA from the mean rate since the run (or its resume) started. It only reads numbers: the printed
 lines, log.jsonl and piped output are the same with and without it."""
 import json
+import os
 from pathlib import Path
 
+from ..errors import MissingPackageError
 from ..progress import LiveLine
-from .distributed import reduce_mean
+from .distributed import print0, reduce_mean
 
 
 def tensorboard_writer(log_dir: Path):
@@ -20,16 +22,33 @@ def tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard "
-                         "(or pip install 'denseclip[tensorboard]'); log.jsonl is written either way") from None
+        raise MissingPackageError("--tensorboard needs the tensorboard package: pip install tensorboard (or pip "
+                                  "install 'denseclip[tensorboard]'); log.jsonl is written either way") from None
     return SummaryWriter(str(log_dir))
 
 
-class RunLog:
-    """log.jsonl (one JSON record a line, appended: a resumed run continues it) and optional TensorBoard scalars,
-    written by rank 0 only (`enabled`)."""
+def drop_records_after(path: Path, step: int):
+    """Remove the records of log.jsonl beyond iteration `step`: a run resumed at `step` does those steps again (after
+    a SIGKILL its log ran ahead of its last checkpoint), and its curves must not run back. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("iter", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        print0(f"{path}: dropped {len(lines) - len(kept)} record(s) after iteration {step}, the steps this run does "
+               "again")
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+
+class RunLog:
+    """log.jsonl (one JSON record a line, appended: a run resumed after iteration `after` continues it from there)
+    and optional TensorBoard scalars, written by rank 0 only (`enabled`)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, after: int = 0):
+        if enabled:
+            drop_records_after(out_dir / "log.jsonl", after)
         self.file = open(out_dir / "log.jsonl", "a") if enabled else None
         self.writer = tensorboard_writer(out_dir / "tensorboard") if tensorboard and enabled else None
 

@@ -13,16 +13,19 @@ evaluation hook; here they share one loop (train.py, run/evaluate.py) and differ
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..configs import CONFIGS, task_of
+from ..errors import ConfigError
 from ..data import options, preflight
 from .batches import collate_detection
 from .coco_eval import STAT_NAMES, CocoEvaluator
 from .evaluate import image_name
 from .metrics import ConfusionMatrix
 from .optim import lr_at, step_lr_at
-from .visualize import denormalize, draw_detections, label_png, palette, save_png, score_picture
+from .visualize import denormalize, detection_picture, label_png, save_png, score_picture, segmentation_picture
 
 
 def recipe_key(dataset: str) -> str:
@@ -87,9 +90,15 @@ class Segmentation(Task):
     def update(self, metric, index: int, pred, labels):
         metric.update(pred, labels)
 
-    def picture(self, images, pred, dataset):
-        """A palette PNG of the prediction: viewable, and its pixel values are the class indices."""
-        return label_png(pred[0].cpu().numpy(), palette())
+    def show(self, images, pred, dataset, path: Path, title=()):
+        """--show-dir: at `path` the explained picture (visualize.segmentation_picture: the prediction over the
+        photo at the label's resolution, title, legend), and next to it NAME_label.png, whose pixel values are the
+        class indices (a palette PNG in the picture's colours)."""
+        pred = pred[0].cpu().numpy()  # (H, W) at the label's size; the image is at the test size
+        photo = np.asarray(Image.fromarray(denormalize(images[0])).resize(pred.shape[::-1], Image.BILINEAR))
+        picture, info = segmentation_picture(photo, pred, dataset.class_names, title)
+        save_png(picture, path, **info)
+        label_png(pred, len(dataset.class_names)).save(path.with_name(path.stem + "_label.png"))
 
     def summary(self, res: dict, it: int) -> str:
         return (f"iter {it}: val mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}  "
@@ -151,8 +160,8 @@ class Detection(Task):
 
     def test_options(self, args, model) -> dict:
         if args.mode or args.flip or args.ratios != [1.0]:
-            raise SystemExit("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
-                             "is tested at its config's min_size/max_size")
+            raise ConfigError("--mode, --ratios, --flip and --aug-test are segmentation options; a detector "
+                              "is tested at its config's min_size/max_size (--set min_size=N --set max_size=N)")
         return {}
 
     def metric(self, model, dataset):
@@ -165,9 +174,11 @@ class Detection(Task):
     def update(self, metric, index: int, det: dict, targets):
         metric.update(index, int(targets[0]["image_id"]), det)
 
-    def picture(self, images, det: dict, dataset):
-        """The image with its boxes, class names, scores (and mask outlines) drawn over it."""
-        return draw_detections(images[0], det, dataset.class_names)
+    def show(self, images, det: dict, dataset, path: Path, title=()):
+        """--show-dir: the image with its boxes, class names, scores (and masks) above the score threshold, title
+        and legend (visualize.detection_picture), at `path`."""
+        picture, info = detection_picture(images[0], det, dataset.class_names, title)
+        save_png(picture, path, **info)
 
     def summary(self, res: dict, it: int) -> str:
         segm = res.get("segm")  # Mask R-CNN: the mask numbers

@@ -12,7 +12,7 @@ import argparse
 
 from ..checkpoint import load_clip
 from ..data.options import class_names_arg
-from ..errors import ConfigError
+from ..errors import ConfigError, number, whole
 from ..zeroshot import READOUTS, TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
 
 PROTOCOL_SCALE = [2048, 336]  # --scale under --zero-shot: short side 336 (SCLIP, NACLIP; ClearCLIP 448)
@@ -33,17 +33,17 @@ def add_zero_shot_args(p: argparse.ArgumentParser, evaluation: bool):
                         "(ViT; ResNet: vanilla = denseclip, maskclip); see docs/zero-shot.md")
     g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
                    help="imagenet: OpenAI's 80 prompt templates averaged (the papers'); photo: 'a photo of a {}.'")
-    g.add_argument("--window", type=int, help="sliding-window side (default: CLIP's input size, 224 for ViT-B/16)")
-    g.add_argument("--stride", type=int, help="sliding-window stride (default: half the window, 112)")
-    g.add_argument("--logit-scale", type=float, default=40.0, help="cosines x this before the softmax over the "
-                                                                    "classes (SCLIP, NACLIP: 40; ClearCLIP: 50)")
-    g.add_argument("--bg-threshold", type=float,
+    g.add_argument("--window", type=whole(1), help="sliding-window side (default: CLIP's input size, 224 for ViT-B/16)")
+    g.add_argument("--stride", type=whole(1), help="sliding-window stride (default: half the window, 112)")
+    g.add_argument("--logit-scale", type=number(above=0), default=40.0,
+                   help="cosines x this before the softmax over the classes (SCLIP, NACLIP: 40; ClearCLIP: 50)")
+    g.add_argument("--bg-threshold", type=number(low=0),
                    help=f"pixels whose best class probability is below this become the background class (default: "
                         f"{BG_THRESHOLD} when the classes have one, the papers' value; else off; 0: off)")
-    g.add_argument("--pamr", type=int, default=0, metavar="STEPS",
+    g.add_argument("--pamr", type=whole(0), default=0, metavar="STEPS",
                    help="refine the logits by PAMR, STEPS iterations at dilations 8 and 16 (NACLIP's published runs: "
                         "10; 0: off)")
-    g.add_argument("--area-threshold", type=float, default=0.0,
+    g.add_argument("--area-threshold", type=number(low=0), default=0.0,
                    help="SCLIP's area rule: drop a class predicted on at most this share of an image's non-background "
                         "pixels (SCLIP's VOC21: 0.1; 0: off)")
 
@@ -58,29 +58,35 @@ def has_background(dataset=None, class_names=None) -> bool:
     return str(names[0]).split(",")[0].strip().lower() == "background"
 
 
-def read_queries(value: str, num_classes: int = None) -> list:
-    """--class-names (--classes) for the text side: a file with one class a line (synonyms comma-separated, as the
-    papers' configs/cls_*.txt), or 'a,b,c' (one name each); with num_classes, one entry per class of a dataset."""
+def read_queries(value: str, num_classes: int) -> list:
+    """--class-names for the text side of a dataset's classes: a file with one class a line (synonyms
+    comma-separated, as the papers' configs/cls_*.txt), or 'a,b,c' (one name each); one entry per class."""
     names = class_names_arg(value)
-    if num_classes is not None and len(names) != num_classes:
+    if len(names) != num_classes:
         raise ConfigError(f"--class-names {value} names {len(names)} classes; the dataset has {num_classes} (one "
                           "line per class, in the dataset's order; synonyms on the same line, comma-separated)")
     return names
 
 
-def build_zero_shot(args, class_names, background: bool, clip=None) -> ZeroShotSegmenter:
-    """The ZeroShotSegmenter the options name, on CLIP weights args.checkpoint (or `clip`, already loaded);
-    background: whether class 0 of class_names is a background class."""
-    clip = clip or load_clip(args.checkpoint)
+def zero_shot_config(args, clip, class_names, background: bool = None) -> ZeroShotConfig:
+    """The protocol's settings the options name, for CLIP `clip` and these classes; background: whether class 0 is
+    a background class (None: has_background of the names)."""
+    background = has_background(class_names=class_names) if background is None else background
     window = args.window or clip.visual.input_resolution
     threshold = args.bg_threshold if args.bg_threshold is not None else BG_THRESHOLD if background else 0.0
     if threshold > 0 and not background:
-        raise ConfigError(f"--bg-threshold {threshold}: these classes have no background class (class 0 "
+        raise ConfigError(f"--bg-threshold {threshold:g}: these classes have no background class (class 0 "
                           f"{class_names[0]!r}); pass --bg-threshold 0, or list 'background' first")
-    if not 0 <= threshold <= 1 or args.area_threshold < 0 or args.logit_scale <= 0 or args.pamr < 0:
-        raise ConfigError("--bg-threshold must be in [0, 1], --area-threshold >= 0, --logit-scale > 0, --pamr >= 0")
-    cfg = ZeroShotConfig(args.readout, args.templates, args.mode or "slide", window, args.stride or window // 2,
-                         args.logit_scale, threshold, args.area_threshold, pamr_steps=args.pamr)
+    if threshold > 1:
+        raise ConfigError(f"--bg-threshold {threshold:g}: a probability, at most 1")
+    return ZeroShotConfig(args.readout, args.templates, args.mode or "slide", window, args.stride or window // 2,
+                          args.logit_scale, threshold, args.area_threshold, pamr_steps=args.pamr)
+
+
+def zero_shot_segmenter(args, class_names, background: bool = None, clip=None) -> ZeroShotSegmenter:
+    """The ZeroShotSegmenter the options name, on CLIP weights args.checkpoint (or `clip`, already loaded)."""
+    clip = clip or load_clip(args.checkpoint)
+    cfg = zero_shot_config(args, clip, class_names, background)
     try:
         return ZeroShotSegmenter(clip, class_names, cfg)
     except ValueError as e:
