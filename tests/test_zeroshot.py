@@ -268,5 +268,5 @@ def test_demo_zero_shot_draws_the_protocols_prediction(tmp_path):
     label = Image.open(tmp_path / "out/photo_label.png")
     assert label.size == (200, 150) and np.array_equal(np.asarray(label), expected)
     legend = json.loads(Image.open(tmp_path / "out/photo.png").text["legend"])
-    assert legend == [names[k] for k in np.unique(expected)]
+    assert [entry["name"] for entry in legend] == [names[k] for k in np.unique(expected)]
     assert json.loads(Image.open(tmp_path / "out/photo_scores.png").text["names"]) == ["cat", "sky"]
