@@ -5,6 +5,7 @@
     python demo.py runs/demo/iter_003000.pt a.jpg --classes "disc,box,ring"             # open vocabulary
     python demo.py denseclip_fpn_res50.pth a.jpg --model denseclip_r50                  # official checkpoint
     python demo.py pretrained/RN50.pt a.jpg --zero-shot --classes "sky,tree,road"       # raw CLIP, no training
+    python demo.py pretrained/ViT-B-16.pt --zero-shot --readout naclip --classes "cat,sofa,window" photo.jpg
     python demo.py runs/demo/iter_003000.pt --serve                                     # web demo (Gradio)
 
 For each image (a file, or every image under a folder) it writes, under --out-dir and named after the image:
@@ -32,8 +33,11 @@ to each other, so a name's map also depends on the other names asked for; a text
 model.predict(images, names=["cat", "dog"]) -> probabilities (B, 2, H, W).
 
 --zero-shot takes an OpenAI CLIP file instead of a trained model and segments by CLIP's own pixel-text scores
-(zeroshot.py, as eval.py --zero-shot), with the names of --classes. --serve starts a web page (denseclip/run/web.py,
-`pip install -e ".[web]"`) where you upload an image, type class names and get the same pictures.
+(zeroshot.py, as eval.py --zero-shot: the protocol of the training-free papers, a dense read-out of the image tower,
+80 prompt templates, windows of CLIP's size on the image resized to a short side of 336), with the names of
+--classes (or --class-names FILE: one class a line, synonyms comma-separated). --serve starts a web page
+(denseclip/run/web.py, `pip install -e ".[web]"`) where you upload an image, type class names and get the same
+pictures.
 """
 import argparse
 from dataclasses import dataclass
@@ -45,7 +49,6 @@ import torch
 
 from denseclip import build_model, inference
 from denseclip.checkpoint import load_checkpoint, load_clip
-from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, config_names, config_overrides, task_of
 from denseclip.data.image_io import IMAGE_SUFFIXES, read_image
 from denseclip.data.options import MIN_SIDE, HelpFormatter, class_names_arg, name_list
@@ -56,7 +59,8 @@ from denseclip.progress import progress
 from denseclip.run import visualize
 from denseclip.run.checkpoints import saved_run
 from denseclip.run.outputs import check_out_dir
-from denseclip.zeroshot import ZeroShotConfig, ZeroShotSegmenter
+from denseclip.run.zero_shot import PROTOCOL_SCALE, add_zero_shot_args, zero_shot_config, zero_shot_segmenter
+from denseclip.zeroshot import ZeroShotSegmenter
 
 
 def parse_args(argv=None):
@@ -79,8 +83,8 @@ def parse_args(argv=None):
                                                         "names; default: none)")
     p.add_argument("--scale", type=whole(MIN_SIDE), nargs=2, metavar=("LONG", "SHORT"),
                    help="resize (keep ratio) to fit these bounds before inference, as the test transform (default: "
-                        "the training data's; none for procedural-data models and --zero-shot; 2048 512 for "
-                        "official ones)")
+                        "the training data's; none for procedural-data models; 2048 512 for official ones; "
+                        f"{' '.join(map(str, PROTOCOL_SCALE))} for --zero-shot)")
     p.add_argument("--no-resize", action="store_true", help="run at the image's own size")
     p.add_argument("--mode", choices=["whole", "slide"],
                    help="inference on the whole image or in sliding windows of the test crop (default: slide when "
@@ -88,9 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes --classes)")
-    g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")
-    g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
+    add_zero_shot_args(p, evaluation=False)
     g = p.add_argument_group("web demo")
     g.add_argument("--serve", action="store_true", help="serve the model on a web page (Gradio) instead of writing "
                                                         "pictures: upload an image, type class names")
@@ -104,12 +106,12 @@ def parse_args(argv=None):
 
 class ZeroShot:
     """Raw CLIP weights where demo.py expects a segmentor: a ZeroShotSegmenter (zeroshot.py) for the names asked
-    for, whose ensembled text features are computed once per list of names (the last list is kept)."""
+    for, whose ensembled text features are computed once per list of names (the last list is kept). cfg: the
+    protocol's settings that do not depend on the names (windows, mode), for segment()."""
 
-    def __init__(self, clip, class_names, readout: str):
-        res = clip.visual.input_resolution
-        self.clip, self.class_names = clip, list(class_names or [])
-        self.cfg = ZeroShotConfig(readout, test_crop=res, test_stride=res * 2 // 3)
+    def __init__(self, clip, class_names, args):
+        self.clip, self.class_names, self.args = clip, list(class_names or []), args
+        self.cfg = zero_shot_config(args, clip, self.class_names or ["background"])
         self.names, self.model = None, None
 
     def to(self, device):
@@ -121,7 +123,7 @@ class ZeroShot:
         if not names:
             raise ConfigError("zero-shot segmentation needs class names (--classes 'a,b,c')")
         if names != self.names:
-            self.names, self.model = names, ZeroShotSegmenter(self.clip, names, self.cfg).eval()
+            self.names, self.model = names, zero_shot_segmenter(self.args, names, clip=self.clip).eval()
         return self.model
 
     def predict(self, images, out_size=None, mode=None, names=None):
@@ -134,9 +136,9 @@ def load_model(args, device):
     names = class_names_arg(args.class_names) if args.class_names else None
     if args.zero_shot:
         classes = args.classes or names
-        model = ZeroShot(load_clip(args.checkpoint), classes, args.readout)
+        model = ZeroShot(load_clip(args.checkpoint), classes, args)
         title = (f"model zero-shot CLIP ({args.readout})", f"checkpoint {Path(args.checkpoint).name}")
-        return model.to(device), None if args.no_resize else args.scale, title
+        return model.to(device), None if args.no_resize else args.scale or PROTOCOL_SCALE, title
     run = saved_run(args.checkpoint)  # train.py's options and classes ({} for other files)
     saved, saved_names = run.get("args", {}), run.get("class_names")
     name = args.model or saved.get("model")
@@ -208,8 +210,8 @@ def readable(path: Path, scale, skipped: list):
 def cosine_scores(model, names):
     """images (1, 3, h, w) -> the cosine score maps s of `names` (1, K', h, w) at the input size."""
     if isinstance(model, ZeroShot):
-        segmenter = model.segmenter(names)
-        return lambda x: segmenter(x) / segmenter.logit_scale  # its logits are the cosines times CLIP's scale
+        segmenter: ZeroShotSegmenter = model.segmenter(names)
+        return lambda x: segmenter.score_logits(x) * segmenter.cfg.tau  # each name's best synonym, a cosine
     return lambda x: model.score_logits(x, names=names) * model.cfg.tau  # s / τ, times τ
 
 

@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from denseclip import build_model
 from denseclip.checkpoint import load_checkpoint, load_clip
-from denseclip.clip import READOUTS
 from denseclip.configs import CONFIGS, DenseCLIPConfig, check_config, config_names, config_overrides
 from denseclip.language import name_tokens
 from denseclip.data.options import HelpFormatter, add_data_args, name_list
@@ -37,7 +36,8 @@ from denseclip.run.distributed import init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
 from denseclip.run.outputs import check_out_dir, check_out_file
 from denseclip.run.tasks import SEGMENTATION, task_for
-from denseclip.zeroshot import TEMPLATES, ZeroShotConfig, ZeroShotSegmenter
+from denseclip.run.zero_shot import (PROTOCOL_SCALE, add_zero_shot_args, describe, has_background, read_queries,
+                                     zero_shot_segmenter)
 
 # The data and model options a checkpoint of ours remembers: left unset, they take the values it was trained with.
 INHERIT = {"model", "dataset", "data_root", "img_dir", "ann_dir", "val_split", "img_suffix", "seg_suffix",
@@ -81,23 +81,21 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
     p.add_argument("--workers", type=whole(0), default=2, help="DataLoader worker processes per process")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    g = p.add_argument_group("zero-shot (no training: CHECKPOINT is an OpenAI CLIP file, the classes are the data's)")
-    g.add_argument("--zero-shot", action="store_true", help="segment by CLIP's own pixel-text scores (zeroshot.py)")
-    g.add_argument("--readout", choices=READOUTS, default="maskclip", help="dense read-out of the image tower")
-    g.add_argument("--templates", choices=sorted(TEMPLATES), default="imagenet",
-                   help="imagenet: OpenAI's 80 prompt templates averaged; photo: 'a photo of a {}.'")
+    add_zero_shot_args(p, evaluation=True)
     given = p.parse_args(argv)
     check_outputs(given)  # before the checkpoint is even opened: a wrong path fails now, not after the evaluation
     saved = saved_train_args(given.checkpoint)
     plain = {k: p.get_default(k) for k in INHERIT}
     p.set_defaults(**{k: v for k, v in saved.items() if k in INHERIT})
+    if given.zero_shot:  # the papers' short side 336
+        p.set_defaults(scale=PROTOCOL_SCALE)
     args = p.parse_args(argv)
     # Said out loud (main prints it), so that a partial (--val-size) evaluation is never taken for a full one.
     # The file's --set overrides apply even when --set is given (those given go after them): always said.
     args.from_checkpoint = {k: v for k, v in sorted(saved.items()) if k in INHERIT - {"seed"} and
                             (getattr(given, k) == plain[k] or k == "overrides") and v != plain[k]}
-    if args.score_maps and (args.zero_shot or not args.show_dir):
-        p.error("--score-maps needs --show-dir and a trained model (not --zero-shot)")
+    if args.score_maps and not args.show_dir:
+        p.error("--score-maps needs --show-dir")
     if args.model is None and not args.zero_shot:
         p.error("--model is required for checkpoints not written by train.py")
     if args.aug_test:
@@ -154,15 +152,15 @@ def trained_model(args, task):
 
 
 def zero_shot_model(args, task):
-    """Raw CLIP weights + the dataset's class names -> per-pixel argmax of the score map (no training)."""
+    """Raw CLIP weights + the dataset's classes (their text from --class-names if given) -> the zero-shot protocol."""
     clip = load_clip(args.checkpoint)
-    res = clip.visual.input_resolution
-    dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=res))  # procedural: CLIP's size
-    cfg = ZeroShotConfig(args.readout, args.templates, args.mode or "whole", test_crop=res, test_stride=res * 2 // 3)
-    print0(f"zero-shot: {args.checkpoint}, read-out {args.readout}, {len(TEMPLATES[args.templates])} template(s), "
-           f"{len(dataset.class_names)} classes")
+    dataset = task.dataset(args, "val", DenseCLIPConfig(input_resolution=clip.visual.input_resolution))
+    names = read_queries(args.class_names, len(dataset.class_names)) if args.class_names and \
+        args.dataset != "folder" else dataset.class_names  # a folder's --class-names named its classes already
+    model = zero_shot_segmenter(args, names, has_background(dataset), clip)
+    print0(f"zero-shot: {args.checkpoint}, {describe(model)}")
     args.model = f"zero-shot {args.readout}"
-    return ZeroShotSegmenter(clip, dataset.class_names, cfg), dataset
+    return model, dataset
 
 
 def main(argv=None):
@@ -178,7 +176,7 @@ def main(argv=None):
         except UserError as e:
             raise name_inherited(e, args) from None
     model.to(device)
-    if args.score_maps and task is SEGMENTATION:
+    if args.score_maps and task is SEGMENTATION and not args.zero_shot:  # zero-shot: CLIP's 77 tokens
         name_tokens(model, args.score_maps)  # names over the token budget fail now, not after the evaluation
     test = task.test_options(args, model)  # segmentation: mode, ratios, flip; detection: none
     how = ", ".join(f"{k} {v}" for k, v in test.items())

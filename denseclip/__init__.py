@@ -6,7 +6,8 @@ context-aware prompting. The public API:
     build_model(name, class_names=None, **overrides)      a named config (see CONFIGS): segmentor or detector
     task_of(name)                                         "segmentation" or "detection", without building
     load_checkpoint(model, path)                          ours, official DenseCLIP, OpenAI CLIP, ImageNet
-    ZeroShotSegmenter(clip, class_names)                  raw CLIP, no training (MaskCLIP / DenseCLIP read-out)
+    ZeroShotSegmenter(clip, class_names, cfg)             raw CLIP, no training (vanilla, MaskCLIP, SCLIP, ClearCLIP,
+                                                          NACLIP read-outs; the papers' protocol)
 
 The package has three layers, imports pointing only downward: the method (this folder and detection/), the data
 (data/) and running (run/: training and evaluation pieces under train.py, eval.py, demo.py). This file is the
@@ -19,7 +20,7 @@ from .clip import CLIP
 from .configs import CONFIGS, DenseCLIPConfig, DetectionConfig, task_of
 from .segmentor import DenseCLIP, build_segmentor
 from .tokenizer import tokenize
-from .zeroshot import ZeroShotSegmenter
+from .zeroshot import ZeroShotConfig, ZeroShotSegmenter
 
 
 def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overrides):
@@ -34,5 +35,5 @@ def build_model(name: str, class_names: Optional[Sequence[str]] = None, **overri
     return build_segmentor(name, ADE20K_CLASSES if class_names is None else class_names, **overrides)
 
 
-__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "DetectionConfig", "ZeroShotSegmenter", "build_model",
-           "load_checkpoint", "load_clip", "task_of", "tokenize"]
+__all__ = ["CLIP", "CONFIGS", "DenseCLIP", "DenseCLIPConfig", "DetectionConfig", "ZeroShotConfig",
+           "ZeroShotSegmenter", "build_model", "load_checkpoint", "load_clip", "task_of", "tokenize"]

@@ -8,10 +8,10 @@ resnet.py; reading OpenAI's `.pt` files (`load_clip`) is in checkpoint.py. What 
 - `VisionTransformer.forward_dense` also returns the four pyramid levels and the dense map z. The ViT pyramid
   (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one of the official DenseCLIP ViT-B/16
   backbone, with the same parameter names (fpn1..fpn4).
-- `readout="maskclip"` in `forward_dense` swaps the dense map z for MaskCLIP's (Zhou et al., ECCV 2022,
-  "Extract Free Dense Labels from CLIP"), which keeps no query-key attention in the last step: the last block
-  with its attention replaced by the value path, x + out_proj(v_proj(ln_1(x))), then that block's MLP, ln_post and
-  proj. z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it (zeroshot.py).
+- `forward_dense(x, last_block=fn)` computes z with `fn(block, x, grid)` in place of the last block (its input x,
+  its output tokens then through ln_post and proj as CLIP's): the training-free read-outs of readouts.py (MaskCLIP,
+  SCLIP, ClearCLIP, NACLIP) plug in there; z̄ stays CLIP's pooled feature. Zero-shot segmentation uses it
+  (zeroshot.py), with `pos_interpolation = "bicubic"`: the positional-grid resize of those papers' code (DINO's).
 - `TextEncoder` accepts learnable context vectors inserted right after the start token (CoOp),
   and truncates its positional embedding to the sequence it is given. With contexts, the prompt prefix shared by
   all class names ([SOT, contexts]: causal, so its hidden states are the same for every name) runs once, and the
@@ -22,7 +22,7 @@ L text length, M learnable context tokens, D joint embedding dimension.
 """
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,26 +47,26 @@ def drop_path(x, p: float, training: bool):
     return x * keep / (1 - p)
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept, the square
-    spatial grid is resized bilinearly (align_corners=False, as the official DenseCLIP code). At the stored size the
-    resize is exactly the identity (it samples the stored cells themselves), so there is no branch for it: a traced
-    graph (tools/export.py's ONNX file) serves every size."""
+def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(1 + S*S, C) positional embedding -> (1 + H*W, C): the class/mean slot is kept, the square spatial grid is
+    resized. mode "bilinear" (align_corners=False), as the official DenseCLIP code: at the stored size the resize is
+    exactly the identity (it samples the stored cells themselves), so there is no branch for it and a traced graph
+    (tools/export.py's ONNX file) serves every size. mode "bicubic": DINO's resize, which the SCLIP / ClearCLIP /
+    NACLIP code use (scale factors (H + 0.1) / S and (W + 0.1) / S, so that flooring gives H x W; the stored grid is
+    used as stored, since that resize is not the identity there)."""
     n, C = pos.shape
     S = math.isqrt(n - 1)
     assert S * S == n - 1, f"positional embedding of {n} rows is not 1 + a square grid"
+    if mode == "bicubic" and tuple(grid) == (S, S):
+        return pos
     spatial = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)  # (1, C, S, S)
-    spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
+    if mode == "bicubic":
+        spatial = F.interpolate(spatial, scale_factor=((grid[0] + 0.1) / S, (grid[1] + 0.1) / S), mode="bicubic",
+                                align_corners=False, recompute_scale_factor=False)
+    else:
+        spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
     spatial = spatial.flatten(2).transpose(1, 2)[0]  # (H*W, C)
     return torch.cat([pos[:1], spatial], dim=0)
-
-
-READOUTS = ("denseclip", "maskclip")  # the dense read-outs of forward_dense (see the module docstring)
-
-
-def check_readout(readout: str):
-    if readout not in READOUTS:
-        raise ValueError(f"unknown dense read-out {readout!r}; expected one of {READOUTS}")
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -134,13 +134,6 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn.forward_shared_prefix(self.ln_1(x), G, P, K)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_values(self, x):
-        """MaskCLIP's last block: attention replaced by its value path, x + out_proj(v_proj(ln_1(x))), then the MLP."""
-        C = x.shape[-1]
-        v = F.linear(self.ln_1(x), self.attn.in_proj_weight[2 * C:], self.attn.in_proj_bias[2 * C:])  # (B, L, C)
-        x = x + self.attn.out_proj(v)
-        return x + self.mlp(self.ln_2(x))
-
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0):
@@ -165,6 +158,7 @@ class VisionTransformer(nn.Module):
     `add_class_embedding_twice` reproduces the official DenseCLIP ViT (official issue #20): it adds
     the class embedding to the class token's positional embedding as well, so the class token
     carries it twice. Its released ViT-B checkpoint was trained that way; keep it off otherwise.
+    `pos_interpolation`: how the positional grid is resized to other input sizes (resize_pos_embed).
     """
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
@@ -174,6 +168,7 @@ class VisionTransformer(nn.Module):
         self.input_resolution, self.patch_size = input_resolution, patch_size
         self.out_indices = list(out_indices)
         self.add_class_embedding_twice = add_class_embedding_twice
+        self.pos_interpolation = "bilinear"  # the official DenseCLIP's; "bicubic": the zero-shot papers' (DINO's)
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -202,22 +197,22 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, C)
         x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
-        pos = resize_pos_embed(self.positional_embedding, (H, W)).to(x.dtype)  # (1+N, C)
+        pos = resize_pos_embed(self.positional_embedding, (H, W), self.pos_interpolation).to(x.dtype)  # (1+N, C)
         if self.add_class_embedding_twice:
             pos = torch.cat([pos[:1] + self.class_embedding.to(x.dtype), pos[1:]], dim=0)
         return self.ln_pre(x + pos), (H, W)
 
-    def forward_dense(self, x, readout: str = "denseclip"):
-        """-> ([x1..x4] or [], z̄ (B, D) or None, z (B, D, H, W) or None); readout "denseclip" (the last block's
-        tokens) or "maskclip" (z from the last block run on its value path; z̄ unchanged)."""
-        check_readout(readout)
+    def forward_dense(self, x, last_block: Optional[Callable] = None):
+        """-> ([x1..x4] or [], z̄ (B, D) or None, z (B, D, H, W) or None). z: the last block's patch tokens, or with
+        `last_block` (a read-out of readouts.py) the patch tokens of last_block(block, x, (H, W)) run in its place;
+        either way through ln_post and proj. z̄ and the pyramid are always CLIP's own."""
         x, (H, W) = self._tokens(x)
         B = x.shape[0]
         feats = []
         last = len(self.transformer.resblocks) - 1
         for i, block in enumerate(self.transformer.resblocks):
-            if i == last and readout == "maskclip" and hasattr(self, "proj"):
-                values = self.ln_post(block.forward_values(x)[:, 1:]) @ self.proj  # (B, N, D)
+            if i == last and last_block is not None:
+                readout = last_block(block, x, (H, W))  # (B, 1+N, C)
             x = block(x)
             if i in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(B, -1, H, W))  # (B, C, H, W)
@@ -226,7 +221,7 @@ class VisionTransformer(nn.Module):
         if not hasattr(self, "proj"):
             return feats, None, None
         x = self.ln_post(x) @ self.proj  # (B, 1+N, D)
-        dense = values if readout == "maskclip" else x[:, 1:]  # (B, N, D)
+        dense = x[:, 1:] if last_block is None else self.ln_post(readout[:, 1:]) @ self.proj  # (B, N, D)
         return feats, x[:, 0], dense.transpose(1, 2).reshape(B, -1, H, W)
 
     def forward(self, x):

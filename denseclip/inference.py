@@ -3,7 +3,7 @@ whole-image or sliding-window logits, averaged over scales and horizontal flips 
 aug test). Each function takes `forward`, what maps a normalised batch (B, 3, h, w) to logits (B, K, h, w).
 Shape letters: B batch, K classes, H W image size.
 """
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,11 @@ def slide_inference(forward: Callable, images: torch.Tensor, crop: int, stride: 
 
 @torch.no_grad()
 def predict(forward: Callable, images: torch.Tensor, mode: str, crop: int, stride: int, out_size=None,
-            ratios: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+            ratios: Sequence[float] = (1.0,), flip: bool = False, refine: Optional[Callable] = None) -> torch.Tensor:
     """Class probabilities (B, K, *out_size): softmax averaged over scale ratios and horizontal flips (mmseg's aug
     test). Scales resize the given (already test-resized) batch by each ratio; mode "whole" runs `forward` on the
-    whole image, "slide" on crop x crop windows `stride` apart."""
+    whole image, "slide" on crop x crop windows `stride` apart. refine(images, logits), both at out_size, may
+    change the logits before the softmax (zero-shot PAMR)."""
     if mode not in ("slide", "whole"):
         raise ConfigError(f"test mode {mode!r}: expected 'slide' or 'whole'")
     out_size = tuple(out_size or images.shape[-2:])
@@ -53,6 +54,9 @@ def predict(forward: Callable, images: torch.Tensor, mode: str, crop: int, strid
         for flipped in (False, True) if flip else (False,):
             xi = x.flip(-1) if flipped else x
             logits = slide_inference(forward, xi, crop, stride) if mode == "slide" else at_least_fp32(forward(xi))
-            p = resize(logits, out_size).softmax(dim=1)
+            logits = resize(logits, out_size)
+            if refine is not None:
+                logits = refine(resize(xi, out_size).to(logits.dtype), logits)
+            p = logits.softmax(dim=1)
             probs = probs + (p.flip(-1) if flipped else p)
     return probs / (len(ratios) * (2 if flip else 1))

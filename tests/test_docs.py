@@ -83,6 +83,15 @@ SMOKE = {
     "python tools/random_clip.py pretrained/random_tiny.pt": [],
     "python eval.py pretrained/random_tiny.pt --zero-shot --readout maskclip --crop-size 128": [
         "--val-size", "2", "--workers", "0"],
+    # docs/zero-shot.md: the ViT read-outs (pretrained/ViT-B-16.pt, random_vit.pt, photo.jpg: the fixture)
+    "python eval.py pretrained/ViT-B-16.pt --zero-shot --readout naclip --dataset ade20k": [
+        "--scale", "48", "32", "--val-size", "2", "--workers", "0"],
+    "python eval.py pretrained/ViT-B-16.pt --zero-shot --readout sclip --dataset folder --data-root data/mine "
+    "--class-names data/mine/names.txt": ["--scale", "48", "32", "--val-size", "2", "--workers", "0"],
+    'python demo.py pretrained/ViT-B-16.pt --zero-shot --readout naclip --classes "cat,sofa,window" photo.jpg': [
+        "--scale", "96", "64", "--out-dir", "runs/zero_shot_demo"],
+    "python tools/random_clip.py pretrained/random_vit.pt --vit": [],
+    "python eval.py pretrained/random_vit.pt --zero-shot --readout naclip": ["--val-size", "2", "--workers", "0"],
     "python train.py --out-dir runs/demo": [*SHORT, "--out-dir", "runs/smoke"],
     'pip install -e ".[tensorboard]"': [],
     "python tools/plot_log.py runs/demo": [],
@@ -226,6 +235,10 @@ def project(tmp_path_factory):
     torch.manual_seed(0)
     example = (torch.randn(1, 3, 64, 64), openai_clip.tokenize(["a"]))  # the OpenAI file format, as distributed
     torch.jit.trace(tiny_openai_clip(), example, check_trace=False).save(str(root / "pretrained/RN50.pt"))
+    vit = openai_clip.model.CLIP(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64,
+                                 vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=128,
+                                 transformer_heads=2, transformer_layers=1).float().eval()
+    torch.jit.trace(vit, example, check_trace=False).save(str(root / "pretrained/ViT-B-16.pt"))  # a tiny stand-in
     out = root / "runs/r50"
     train.main(["--dataset", "ade20k", "--data-root", str(root / "data/ade/ADEChallengeData2016"), *SHORT,
                 "--out-dir", str(out)])
@@ -255,8 +268,10 @@ def project(tmp_path_factory):
     shutil.copy(root / "runs/demo/log.jsonl", root / "runs/fpn_demo/log.jsonl")
     shutil.copytree(root / "runs/retina_r50", root / "runs/retina_demo")  # a detector run for the docs' pictures
     script_main("tools/random_clip.py")([str(root / "pretrained/random_tiny.pt")])
+    script_main("tools/random_clip.py")([str(root / "pretrained/random_vit.pt"), "--vit"])
     script_main("tools/export.py")([str(root / "runs/demo/iter_003000.pt"), "--formats", "safetensors"])
     Image.fromarray(ProceduralShapes("val", size=64).raw(11)[0]).save(root / "shapes.png")
+    Image.fromarray(ProceduralShapes("val", size=80).raw(3)[0]).save(root / "photo.jpg")
     return root
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train.py", "eval.py", "demo.py")
 # Files a reader copies alone: standard library and torch only (ftfy / regex for the tokenizer).
 COMPONENTS = {"tokenizer.py": {"ftfy", "regex"}, "clip.py": set(), "resnet.py": set(), "prompting.py": set(),
-              "fpn.py": set(), "heads.py": set()}
+              "fpn.py": set(), "heads.py": set(), "readouts.py": set()}
 FACADE_MAY_IMPORT = {"denseclip.data.classes"}
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 STDLIB = getattr(sys, "stdlib_module_names", None) or {"abc", "argparse", "ast", "collections", "contextlib",
