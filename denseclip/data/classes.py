@@ -1,5 +1,5 @@
 """The class names of the datasets whose layouts we read, verbatim from mmseg / mmdet: the models' default
-vocabularies (denseclip.build_model) and the ADE20K / COCO loaders' classes."""
+vocabularies (denseclip.build_model) and the classes of the datasets in layouts.py and of the COCO loader."""
 
 
 COCO_CLASSES = (  # COCO 2017's 80 categories in sorted-id order (mmdet's CocoDataset.CLASSES)
