@@ -53,8 +53,8 @@ def read_split_file(path: Path) -> list:
 
 
 def listed_pairs(img_dir: Path, ann_dir: Path, img_suffix: str, seg_suffix: str, stems):
-    """The (image, label) pairs of the stems a split file lists; returns (pairs, stems without an image, stems
-    without a label). Other files in the folders (the other splits') are not looked at."""
+    """The (image, label) pairs of the stems a split file lists; returns (pairs, image paths missing, label
+    paths missing). Other files in the folders (the other splits') are not looked at."""
     pairs, no_image, no_label = [], [], []
     for stem in stems:
         img, ann = img_dir / f"{stem}{img_suffix}", ann_dir / f"{stem}{seg_suffix}"
