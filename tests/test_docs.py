@@ -119,6 +119,7 @@ SMOKE = {
     "python -m denseclip.data.preflight --dataset ade20k": [],
     "python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
     "python -m denseclip.data.preflight --dataset coco": [],
+    "python tools/coco_object.py": ["--workers", "1"],
     "python -m denseclip.data.preflight --dataset coco --train-ann my/train.json --train-images my/images --val-ann "
     "my/val.json --val-images my/images": [],
     "python train.py --dataset folder --data-root data/mine --class-names data/mine/names.txt --out-dir runs/mine":
@@ -231,6 +232,9 @@ def project(tmp_path_factory):
     write_tree(root / "data/ade/ADEChallengeData2016", 150, True)
     write_tree(root / "data/mine", len(SHAPE_CLASSES), False)
     (root / "data/mine/names.txt").write_text("\n".join(SHAPE_CLASSES) + "\n")
+    for split in ("train2017", "val2017"):  # COCO-Stuff's stored maps, for tools/coco_object.py
+        (root / "data/coco_stuff164k/annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.full((4, 6), 91, np.uint8)).save(root / f"data/coco_stuff164k/annotations/{split}/1.png")
     (root / "pretrained").mkdir()
     torch.manual_seed(0)
     example = (torch.randn(1, 3, 64, 64), openai_clip.tokenize(["a"]))  # the OpenAI file format, as distributed

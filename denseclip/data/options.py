@@ -1,17 +1,19 @@
 """The data options of train.py, eval.py and the pre-flight (`add_data_args`), and the datasets they name:
-procedural shapes, ADE20K or a user folder (`segmentation_dataset`), procedural boxes or COCO-format files
-(`detection_dataset`). Which of the two a run builds is its task's choice (denseclip/run/tasks.py)."""
+procedural shapes, the mmseg layouts of layouts.py (ADE20K, VOC, Context, COCO-Stuff, COCO-Object, Cityscapes) or a
+user folder (`segmentation_dataset`), procedural boxes or COCO-format files (`detection_dataset`). Which of the two
+a run builds is its task's choice (denseclip/run/tasks.py)."""
 import argparse
 import os
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from ..configs import check_class_names
 from ..errors import ConfigError, MissingFileError, whole
 from . import transforms
-from .classes import ADE20K_CLASSES
 from .coco import CocoDetection
+from .layouts import LAYOUTS
 from .procedural import SHAPE_CLASSES, ProceduralDetection, ProceduralShapes
-from .segmentation import ADE20K, FolderSegmentation, read_class_names
+from .segmentation import FolderSegmentation, LayoutSegmentation, read_class_names
 
 
 # -------------------------------------------------------------------------------------------- options
@@ -37,11 +39,13 @@ def add_data_args(p: argparse.ArgumentParser, evaluation: bool = False, recipe: 
     of a recipe option (--train-size) is told."""
     train_only = argparse.SUPPRESS if evaluation else None
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["procedural", "ade20k", "folder", "coco"], default="procedural",
-                   help="procedural: built-in shapes, no files (default); ade20k: ADEChallengeData2016 in mmseg's "
-                        "layout; folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
+    g.add_argument("--dataset", choices=["procedural", *LAYOUTS, "folder", "coco"], default="procedural",
+                   help="procedural: built-in shapes, no files (default); ade20k, voc21, voc21aug, voc20, context60, "
+                        "context59, coco_stuff, coco_object, cityscapes: in mmseg's layouts (data/README.md); "
+                        "folder: your own images/labels (see --img-dir); coco (detection): COCO 2017 or "
                         f"any COCO-format json + image folder (see --{'val' if evaluation else 'train'}-ann)")
-    g.add_argument("--data-root", help="ade20k: default data/ade/ADEChallengeData2016; folder: the dataset root; "
+    g.add_argument("--data-root", help="ade20k, voc21, ...: default mmseg's (data/ade/ADEChallengeData2016, "
+                                       "data/VOCdevkit/VOC2012, ...; data/README.md); folder: the dataset root; "
                                        "coco: default data/coco")
     g.add_argument("--train-ann", help=train_only or "coco: training annotations (default DATA_ROOT/annotations/"
                                                      "instances_train2017.json); class names come from its categories")
@@ -97,20 +101,32 @@ def name_list(text: str) -> list:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def split_files(args, split: str):
-    """(image folder, label folder, image suffix, label suffix, reduce_zero_label) of the train or val split of
-    a file dataset (ade20k, folder); None for the procedural one."""
-    train = split == "train"
+class SplitFiles(NamedTuple):
+    """One folder pair of a split of a file dataset, as the pre-flight checks it."""
+    img_dir: Path
+    ann_dir: Path
+    img_suffix: str
+    seg_suffix: str
+    reduce_zero_label: bool
+    split_file: Optional[Path] = None  # the stems to use, one a line; None: every image in img_dir
+
+
+def split_files(args, split: str) -> list:
+    """The folder pairs (SplitFiles) of the train or val split of a file dataset (a layout of layouts.py, or
+    folder); None for the procedural one."""
     if args.dataset == "procedural":
         return None
-    if args.dataset == "ade20k":
-        root, sub = Path(args.data_root or "data/ade/ADEChallengeData2016"), "training" if train else "validation"
-        return root / "images" / sub, root / "annotations" / sub, ".jpg", ".png", True
+    if args.dataset in LAYOUTS:
+        layout = LAYOUTS[args.dataset]
+        root = Path(args.data_root or layout.root)
+        return [SplitFiles(root / part.img_dir, root / part.ann_dir, layout.img_suffix, layout.seg_suffix,
+                           layout.reduce_zero_label, root / part.split_file if part.split_file else None)
+                for part in (layout.train if split == "train" else layout.val)]
     if not args.data_root or not args.class_names:
         raise ConfigError("--dataset folder needs --data-root and --class-names")
-    root, sub = Path(args.data_root), args.train_split if train else args.val_split
-    return root / args.img_dir / sub, root / args.ann_dir / sub, args.img_suffix, args.seg_suffix, \
-        args.reduce_zero_label
+    root, sub = Path(args.data_root), args.train_split if split == "train" else args.val_split
+    return [SplitFiles(root / args.img_dir / sub, root / args.ann_dir / sub, args.img_suffix, args.seg_suffix,
+                       args.reduce_zero_label)]
 
 
 def coco_files(args, split: str):
@@ -124,8 +140,8 @@ def coco_files(args, split: str):
 def dataset_class_names(args) -> list:
     if args.dataset == "procedural":
         return list(SHAPE_CLASSES)
-    if args.dataset == "ade20k":
-        return list(ADE20K_CLASSES)
+    if args.dataset in LAYOUTS:
+        return list(LAYOUTS[args.dataset].class_names)
     if not args.class_names:
         raise ConfigError("--dataset folder needs --data-root and --class-names")
     return class_names_arg(args.class_names)
@@ -142,13 +158,12 @@ def segmentation_dataset(args, split: str, crop: int):
         return ProceduralShapes(split, size=crop, length=args.train_size if train else n, seed=args.seed)
     transform = transforms.TrainTransform(scale=tuple(args.scale), crop_size=(crop, crop)) if train \
         else transforms.TestTransform(scale=tuple(args.scale))
-    if args.dataset == "ade20k":
-        dataset = ADE20K(args.data_root or "data/ade/ADEChallengeData2016", "training" if train else "validation",
-                         transform, seed=args.seed)
+    if args.dataset in LAYOUTS:
+        dataset = LayoutSegmentation(args.dataset, args.data_root, split, transform, seed=args.seed)
     else:
-        img_dir, ann_dir, img_suffix, seg_suffix, reduce_zero = split_files(args, split)
-        dataset = FolderSegmentation(img_dir, ann_dir, dataset_class_names(args), transform, img_suffix,
-                                     seg_suffix, reduce_zero, seed=args.seed)
+        files = split_files(args, split)[0]
+        dataset = FolderSegmentation(files.img_dir, files.ann_dir, dataset_class_names(args), transform,
+                                     files.img_suffix, files.seg_suffix, files.reduce_zero_label, seed=args.seed)
     dataset.samples = dataset.samples[:n]  # (image, label) paths, sorted; [:None] keeps all
     return dataset
 

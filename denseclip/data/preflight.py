@@ -6,12 +6,12 @@ checks alone (decoding every file by default):
     python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names names.txt
     python -m denseclip.data.preflight --dataset coco --data-root data/coco
 
-Segmentation (ade20k, folder), quick (the scripts' default): every image has a label and every label an image;
-image files with another extension than --img-suffix; image and label sizes equal, read from the file headers (EXIF
-orientation applied to the image, as the loader does), not by decoding; labels single-channel; enough samples for
-one micro-batch; and the validation labels, read at every evaluation, fully decoded with their values checked
-against the classes. full: also decode every training image and label (corrupt files, label values outside the
-classes).
+Segmentation (ade20k, voc21, ... of layouts.py, and folder), quick (the scripts' default): every image has a label and
+every label an image (with a split file, VOC's and Context's: every stem it lists has both, other files are other
+splits'); image files with another extension than --img-suffix; image and label sizes equal, read from the file headers
+(EXIF orientation applied to the image, as the loader does), not by decoding; labels single-channel; enough samples for
+one micro-batch; and the validation labels, read at every evaluation, fully decoded with their values checked against
+the classes. full: also decode every training image and label (corrupt files, label values outside the classes).
 COCO-format detection (coco): every field the loader, the detector and COCOeval read, per json, annotation,
 category and image (quick), and every image through the loader itself (full); the list is preflight_coco.py's
 docstring.
@@ -125,15 +125,27 @@ def _decode(pair, num_classes: int, reduce_zero_label: bool, images: bool):
     return [problem for problem in found if problem]
 
 
-def check_split(name: str, files, num_classes: int, decode: str, findings: Findings, pool, limit=None) -> int:
-    """Check one split's folders; add what is wrong to `findings`; return its number of (image, label) pairs.
-    decode: 'none', 'labels' or 'all'; limit: decode only the first `limit` pairs (those evaluated)."""
-    img_dir, ann_dir, img_suffix, seg_suffix, reduce_zero_label = files
-    for folder, what in ((img_dir, "images"), (ann_dir, "labels")):
-        if not folder.is_dir():
-            findings.add("missing folder(s)", f"{folder} ({name} {what}); see data/README.md for the layout")
-    if not img_dir.is_dir() or not ann_dir.is_dir():
-        return 0
+def listed_split(name: str, files, findings: Findings) -> list:
+    """The pairs of the stems a split file lists; a missing split file, or a listed image or label that is not
+    there, is a finding."""
+    if not files.split_file.is_file():
+        findings.add("missing split file(s)", f"{files.split_file} ({name}: the image stems, one a line)")
+        return []
+    stems = segmentation.read_split_file(files.split_file)
+    pairs, no_image, no_label = segmentation.listed_pairs(files.img_dir, files.ann_dir, files.img_suffix,
+                                                          files.seg_suffix, stems)
+    for path in no_image:
+        findings.add(f"{name} image(s) listed in {files.split_file} but missing", path)
+    for path in no_label:
+        findings.add(f"{name} label(s) of listed images missing (expected <stem>{files.seg_suffix} under "
+                     f"{files.ann_dir})", path)
+    return pairs
+
+
+def folder_split(name: str, files, findings: Findings) -> list:
+    """The pairs of every image in the folder; images without a label, labels without an image and images of
+    another suffix are findings."""
+    img_dir, ann_dir, img_suffix, seg_suffix = files[:4]
     pairs, no_label, no_image = segmentation.find_pairs(img_dir, ann_dir, img_suffix, seg_suffix)
     for img in no_label:
         findings.add(f"{name} image(s) without a label (expected <same stem>{seg_suffix} under {ann_dir})", img)
@@ -143,6 +155,20 @@ def check_split(name: str, files, num_classes: int, decode: str, findings: Findi
         findings.add(f"{name} image(s) with another extension than --img-suffix {img_suffix} (not used)", p)
     for ann in no_image:
         findings.add(f"{name} label(s) without an image (expected <same stem>{img_suffix} under {img_dir})", ann)
+    return pairs
+
+
+def check_split(name: str, files, num_classes: int, decode: str, findings: Findings, pool, limit=None) -> int:
+    """Check one folder pair of a split (options.SplitFiles); add what is wrong to `findings`; return its number of
+    (image, label) pairs. decode: 'none', 'labels' or 'all'; limit: decode only the first `limit` pairs (those
+    evaluated)."""
+    for folder, what in ((files.img_dir, "images"), (files.ann_dir, "labels")):
+        if not folder.is_dir():
+            findings.add("missing folder(s)", f"{folder} ({name} {what}); see data/README.md for the layout")
+    if not files.img_dir.is_dir() or not files.ann_dir.is_dir():
+        return 0
+    pairs = listed_split(name, files, findings) if files.split_file else folder_split(name, files, findings)
+    reduce_zero_label = files.reduce_zero_label
     for problem in progress(pool.map(_header, pairs), f"scan {name}", total=len(pairs)):  # a terminal only
         if problem:
             findings.add(*problem)
@@ -156,17 +182,18 @@ def check_split(name: str, files, num_classes: int, decode: str, findings: Findi
 
 
 def check_segmentation(args, min_train: int, splits, findings: Findings, pool) -> str:
-    """Check ade20k / folder data (see the module docstring); return the summary's counts."""
+    """Check segmentation files (see the module docstring); return the summary's counts."""
     names, counts = dataset_class_names(args), {}
     for split in splits:
         decode = "all" if args.check_data == "full" else "labels" if split == "val" else "none"
         limit = (args.val_size or None) if split == "val" else None
-        counts[split] = check_split(split, split_files(args, split), len(names), decode, findings, pool, limit)
+        counts[split] = sum(check_split(split, files, len(names), decode, findings, pool, limit)
+                            for files in split_files(args, split))
     if "train" in counts and counts["train"] and counts["train"] < min_train:
         findings.add("too few training samples", f"{counts['train']} pairs make no micro-batch of {min_train} "
                      "(--batch-size x processes); lower --batch-size or add data")
     if "val" in counts and counts["val"] == 0 and not findings:
-        findings.add("empty validation split", f"no images in {split_files(args, 'val')[0]}")
+        findings.add("empty validation split", f"no images in {split_files(args, 'val')[0].img_dir}")
     what = "every file decoded" if args.check_data == "full" else "sizes from headers, validation labels decoded"
     return ", ".join(f"{n} {s} pairs" for s, n in counts.items()) + f" OK ({what})"
 

@@ -110,6 +110,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
     `length` is only the epoch size. val: a fixed set of `length` (default 200) images that depends on neither
     `seed` nor the epoch, so numbers from different runs compare."""
 
+    background = True  # class 0 is 'background' (the zero-shot protocol's low-confidence class)
     VAL_SEED = 0x5EED  # val images use entropy (VAL_SEED, index, 2**32 - 1): no train (seed, epoch, index) reaches it
 
     def __init__(self, split: str = "train", size: int = 128, length: Optional[int] = None, seed: int = 0):

@@ -51,12 +51,13 @@ class Task:
 class Segmentation(Task):
     """Semantic segmentation: DenseCLIP segmentors and their FPN baselines (denseclip_*, fpn_*), mmseg's recipe."""
     title = "segmentation (denseclip_*, fpn_*)"
-    # ADE20K and user folders: the official 80k schedule at global batch 32 (4 images x 8 GPUs). Procedural: a
+    # File datasets (ADE20K, the other mmseg layouts, user folders): the official ADE20K schedule, 80k iterations
+    # at global batch 32 (4 images x 8 GPUs; data/README.md gives mmseg's per-dataset recipes). Procedural: a
     # CPU-sized run of the tiny models, about 6 minutes on 2 cores; it starts from random weights (no CLIP weights
     # for the tiny models), so it uses a higher lr, a short warmup and no backbone lr reduction (x0.1 protects
     # pretrained CLIP weights, of which there are none here).
     recipes = {
-        "official": ("--dataset ade20k / folder: the official recipe (mmseg)",
+        "official": ("--dataset ade20k, voc21, ..., folder: the official recipe (mmseg)",
                      dict(iters=80000, batch_size=4, global_batch=32, lr=1e-4, warmup_iters=1500,
                           backbone_lr_mult=0.1, eval_interval=8000, save_interval=8000, workers=4)),
         "procedural": ("--dataset procedural: tiny models from random weights, ~6 min on 2 CPU cores",
