@@ -17,6 +17,7 @@ from denseclip.data.preflight import main as preflight
 from denseclip.data.segmentation import LayoutSegmentation
 from denseclip.data.transforms import TestTransform
 from denseclip.errors import DataError, MissingFileError
+from denseclip.run.zero_shot import has_background
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 48, 32
@@ -104,6 +105,7 @@ def test_layout_reads_trains_and_evaluates(name, tmp_path):
     val = LayoutSegmentation(name, root, "val", TestTransform(scale=(48, 32)))
     assert len(val.class_names) == count and (val.class_names[0], val.class_names[-1]) == (first, last)
     assert val.background is background and len(val) == 2
+    assert has_background(val) is background  # what the zero-shot protocol reads (its background threshold)
     assert not any(Path(img).name.startswith("test_") for img, _ in val.samples)  # split files: only the listed stems
     label = val[0][1].numpy()  # (H, W) as read: the test transform resizes only the image
     expected = label_image(read, 0)

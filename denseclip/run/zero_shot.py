@@ -6,7 +6,8 @@ scale 40, and a background threshold of 0.1 where the classes have a background 
 lists each paper's settings per dataset.
 
 A dataset is, to the protocol, images, labels, class names and whether it has a background class (`has_background`:
-the dataset's own attribute when it has one, else whether its first class is named "background").
+the dataset's own `background` fact (denseclip/data/layouts.py) when it has one, else whether its first class is
+named "background").
 """
 import argparse
 
@@ -51,7 +52,7 @@ def add_zero_shot_args(p: argparse.ArgumentParser, evaluation: bool):
 def has_background(dataset=None, class_names=None) -> bool:
     """Whether the classes have a background class (class 0): the dataset says so, or its first class (first
     synonym) is named 'background'."""
-    said = getattr(dataset, "has_background", None)
+    said = getattr(dataset, "background", None)  # the layouts' fact (segmentation.py)
     if said is not None:
         return bool(said)
     names = class_names if class_names is not None else dataset.class_names
