@@ -39,7 +39,7 @@ from denseclip.errors import ConfigError, number, require_file, require_package,
 from denseclip.language import text_once_per_step
 from denseclip.run.activation_checkpoint import checkpoint_activations
 from denseclip.run.batches import to_device, train_batches
-from denseclip.run.checkpoints import latest_checkpoint, resume, save_run, seed_rng
+from denseclip.run.checkpoints import latest_checkpoint, resume, same_start_on_every_rank, save_run, seed_rng
 from denseclip.run.distributed import convert_sync_batchnorm, init_distributed, print0, unwrap, wrap_ddp
 from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
@@ -262,6 +262,7 @@ def main(argv=None):
                                               world)
     elif args.resume == "auto":
         print0(f"--resume auto: no checkpoint in {out_dir} yet, starting from scratch")
+    same_start_on_every_rank(checkpoint, start_iter, epoch, seen, world)  # nodes may not share --out-dir
     if world > 1:
         model = wrap_ddp(model, device)
     seed_rng(rng, rank, world, args.seed + start_iter)  # dropout / drop path draw differently on each rank

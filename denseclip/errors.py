@@ -139,6 +139,6 @@ def run_main(main):
     except RuntimeError as e:
         if not (distributed and any(words in str(e) for words in PEER_GONE)):
             raise  # a bug: its traceback is what a report needs
-        print(f"{prefix}stopped: another process of this run failed (its message is above)", file=sys.stderr,
-              flush=True)
+        print(f"{prefix}stopped: another process of this run failed or was killed (its own output, on its machine, "
+              "says why)", file=sys.stderr, flush=True)
         sys.exit(1)

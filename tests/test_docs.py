@@ -114,6 +114,12 @@ SMOKE = {
     "python bench/loader.py": ["--samples", "1", "--rounds", "1"],
     "python bench/train_step.py": ["--config", "denseclip_tiny", "--size", "64", "--iters", "1", "--warmup", "0",
                                    "--no-compile", "--memory-configs"],
+    "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint MASTER:29400 --rdzv_id r50 train.py "
+    "--dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt --batch-size 2 --out-dir runs/r50": [
+        *TINY, *SHORT, "--out-dir", "runs/smoke"],  # two launchers: tests/test_multinode.py
+    "torchrun --nnodes 2 --node_rank N --nproc_per_node 8 --master_addr MASTER --master_port 29500 train.py "
+    "--dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt --batch-size 2 --out-dir runs/r50": [
+        *TINY, *SHORT, "--out-dir", "runs/smoke"],
     "python bench/train_step.py --only-text": ["--config", "denseclip_tiny", "--iters", "1", "--warmup", "0"],
     # data/README.md
     "python -m denseclip.data.preflight --dataset ade20k": [],

@@ -167,6 +167,22 @@ def resume(path, model, optimizer, scaler, model_name: str, batch_size: int, wor
     return start, epoch, seen, ckpt["rng"]
 
 
+def same_start_on_every_rank(checkpoint, start: int, epoch: int, seen: int, world: int):
+    """ConfigError on every rank unless all ranks continue from the same point. Each node reads --out-dir on its own
+    disk and only rank 0 writes there: with a folder the nodes do not share, --resume auto finds the checkpoint on
+    rank 0's node and nothing on the others, which would start from scratch and train out of step with rank 0."""
+    if world == 1:
+        return
+    every = [None] * world
+    dist.all_gather_object(every, (start, epoch, seen, str(checkpoint) if checkpoint else None))
+    if len({point[:3] for point in every}) > 1:
+        seen_by = "; ".join(f"rank {r}: {path or 'no checkpoint'}" + (f" (iteration {it})" if path else "")
+                            for r, (it, _, _, path) in enumerate(every))
+        raise ConfigError(f"the ranks would continue from different points ({seen_by}): every node must see the "
+                          "same checkpoints, so give --out-dir a folder the nodes share, or copy the newest "
+                          "iter_*.pt into --out-dir on every node")
+
+
 def non_finite_tensors(model, optimizer) -> list:
     """Names of the model's and the optimiser's floating-point tensors that hold a NaN or an infinity ([]: none).
     Weights (or Adam's moments) can overflow a step before the loss does, so what is saved is checked, not assumed."""
