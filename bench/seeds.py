@@ -42,7 +42,7 @@ def final_numbers(log: Path):
 
 def run_one(model: str, seed: int, args, extra) -> dict:
     """Train (model, seed) unless its folder already holds a finished run; {'numbers', 'wall_s', 'reused'}."""
-    out = Path(args.out_dir) / f"{model}_seed{seed}"
+    out = Path(args.out_dir).resolve() / f"{model}_seed{seed}"  # train.py runs in the repository root
     log = out / "log.jsonl"
     if (numbers := final_numbers(log)) is not None:
         return {"numbers": numbers, "wall_s": json.loads((out / "wall.json").read_text())["wall_s"]

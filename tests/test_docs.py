@@ -59,6 +59,8 @@ SMOKE = {
                                                                                      "--val-size", "2", "--workers",
                                                                                      "0"],
     "python train.py --help": [],
+    "python bench/seeds.py": ["--models", "fpn_tiny", "--seeds", "0", "--jobs", "1", "--out-dir", "runs/seeds", "--",
+                              *SHORT],
     # docs/detection.md (the first also in README.md's results)
     "python train.py --model retinanet_denseclip_tiny": [*DET, "--out-dir", "runs/smoke"],
     "python train.py --model retinanet_tiny": [*DET, "--out-dir", "runs/smoke"],
