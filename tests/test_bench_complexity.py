@@ -2,12 +2,11 @@
 import importlib.util
 from pathlib import Path
 
+import fvcore  # noqa: F401  (the dev extra installs it: a missing one fails here rather than skipping)
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-pytest.importorskip("fvcore")
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "complexity.py"
 _spec = importlib.util.spec_from_file_location("bench_complexity", _PATH)

@@ -218,9 +218,10 @@ def can_write(folder: Path) -> bool:
         return False
 
 
-def unwritable(tmp_path: Path) -> Path:
+def unwritable(tmp_path: Path, monkeypatch) -> Path:
     """A folder this process cannot write in: a read-only one, or (as root, whom permission bits do not stop)
-    sysfs, which refuses new files to everyone."""
+    sysfs, which refuses new files to everyone; where neither refuses, a folder whose write probe fails as a
+    read-only mount's would."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
@@ -229,7 +230,15 @@ def unwritable(tmp_path: Path) -> Path:
     folder.chmod(0o755)
     if Path("/sys").is_dir() and not can_write(Path("/sys")):
         return Path("/sys")
-    pytest.skip("no folder here refuses writes")
+    real = tempfile.TemporaryFile
+
+    def probe_refused(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", probe_refused)
+    return folder
 
 
 @pytest.mark.parametrize("path,option", [("train.py", "--out-dir"), ("eval.py", "--show-dir"),
@@ -245,7 +254,7 @@ def test_an_output_folder_that_is_a_file_or_unwritable_fails_before_any_work(ckp
     (tmp_path / "taken").write_text("a file")
     refused(path, [*head, option, str(tmp_path / "taken")], capsys, tmp_path, option, "taken", "is a file")
     refused(path, [*head, option, str(tmp_path / "taken" / "sub")], capsys, tmp_path, "inside", "which is a file")
-    locked = unwritable(tmp_path)
+    locked = unwritable(tmp_path, monkeypatch)
     refused(path, [*head, option, str(locked / "out")], capsys, tmp_path, option, f"cannot write in {locked}")
     assert not (locked / "out").exists()
 
