@@ -32,7 +32,7 @@ from denseclip.language import name_tokens
 from denseclip.data.options import HelpFormatter, add_data_args, name_list
 from denseclip.errors import ConfigError, UserError, number, run_main, whole
 from denseclip.run.checkpoints import saved_train_args
-from denseclip.run.distributed import init_distributed, print0
+from denseclip.run.distributed import THREADS_HELP, cpu_threads, default_threads, init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
 from denseclip.run.outputs import check_out_dir, check_out_file
 from denseclip.run.tasks import SEGMENTATION, task_for
@@ -80,6 +80,8 @@ def parse_args(argv=None):
                                  "(RLE) to OUT with the suffix .segm.json (default: no file)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
     p.add_argument("--workers", type=whole(0), default=2, help="DataLoader worker processes per process")
+    p.add_argument("--threads", type=whole(0), help=THREADS_HELP.replace("the recipe's", "1 on procedural data, "
+                                                                         "else 0"))
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     add_zero_shot_args(p, evaluation=True)
     given = p.parse_args(argv)
@@ -183,7 +185,9 @@ def main(argv=None):
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images"
            f"{': ' + how if how else ''}, {world} process(es)")
     title = (f"model {args.model}", f"checkpoint {Path(args.checkpoint).name}")
-    metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, title, **test)
+    threads = args.threads if args.threads is not None else default_threads(int(args.dataset == "procedural"))
+    with cpu_threads(threads):  # the procedural models are small: one thread (see cpu_threads)
+        metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, title, **test)
     res = metric.compute()
     print0(metric.format_table(dataset.class_names))
     if args.out and rank == 0:

@@ -40,7 +40,8 @@ from denseclip.language import text_once_per_step
 from denseclip.run.activation_checkpoint import checkpoint_activations
 from denseclip.run.batches import to_device, train_batches
 from denseclip.run.checkpoints import latest_checkpoint, resume, same_start_on_every_rank, save_run, seed_rng
-from denseclip.run.distributed import convert_sync_batchnorm, init_distributed, print0, unwrap, wrap_ddp
+from denseclip.run.distributed import (THREADS_HELP, convert_sync_batchnorm, cpu_threads, default_threads,
+                                      init_distributed, print0, unwrap, wrap_ddp)
 from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
 from denseclip.run.optim import CUSTOM_KEYS, param_groups
@@ -124,6 +125,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=whole(0, 2 ** 31 - 1), default=0,
                    help="seed of the weights, the data order and augmentation")
     g.add_argument("--workers", type=whole(0), help="DataLoader worker processes per process")
+    g.add_argument("--threads", type=whole(0), help=THREADS_HELP)
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     g.add_argument("--tensorboard", action="store_true", help="also log losses, lr, speed and mIoU for TensorBoard "
                                                               "under OUT_DIR/tensorboard (pip install tensorboard)")
@@ -133,7 +135,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for key, value in task_for(args.model).recipe(args.dataset).items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, default_threads(value) if key == "threads" else value)
     return args
 
 
@@ -249,6 +251,12 @@ def build(args, task, world: int, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with cpu_threads(args.threads):
+        return train(args)
+
+
+def train(args):
+    """The run of parsed options: data, model, the loop, the final evaluation."""
     check_options(args)
     rank, world, device = init_distributed(args.device)
     accum, task, out_dir = accumulation(args, world, device), task_for(args.model), Path(args.out_dir)

@@ -5,7 +5,11 @@
 #   2. fp16 autocast with GradScaler (and gradient clipping, which unscales first), same set-up;
 #   3. bench/throughput.py for RN50, RN101, ViT-B at 4 images per GPU, fp32 and bf16 (images/s, peak memory);
 #   4. bench/train_step.py per config: options, text once per step, fraction of the measured bf16/fp32 matmul peak,
-#      and peak memory with and without --checkpoint-activations at the official crop and 4 images.
+#      and peak memory with and without --checkpoint-activations at the official crop and 4 images;
+#   5. the shared prompt prefix (issue 18): bench/prefix_check.py (features and context gradients equal the plain
+#      path in float64, fp32, bf16 autocast and fp16 autocast with a GradScaler-scaled backward), the text encoder's
+#      forward + backward plain against shared (train_step.py --only-text) and the whole train step before issue 18
+#      against now at 1, 2 and 4 images, fp32 and bf16 (train_step.py --only-steps).
 # Usage (from anywhere):  bash bench/gpu_check.sh            # everything, ~10 min on one H100
 #                         QUICK=1 bash bench/gpu_check.sh    # fewer iterations
 #                         DEVICE=cpu bash bench/gpu_check.sh # the same commands, tiny and on CPU (gloo), to test it
@@ -65,4 +69,15 @@ print(CONFIGS['$CONFIG']().input_resolution)" || echo 64)
     python bench/train_step.py --config "$CONFIG" --device "$DEVICE" --batch-size 4 --size "$SIZE" \
         --iters "$BENCH_ITERS" --memory-size "$MEM_SIZE" ${NO_COMPILE:-} $MEM 2>&1 | tee -a "$SUMMARY"
 done
+# 5. the shared prompt prefix: equality on this device, then its speed
+log "bench/prefix_check.py:"
+python bench/prefix_check.py --device "$DEVICE" $([ "$DEVICE" = cuda ] || echo "--layers 2") 2>&1 | tee -a "$SUMMARY" \
+    || { log "FAILED: bench/prefix_check.py"; exit 1; }
+log "bench/train_step.py --only-text:"
+python bench/train_step.py --only-text --device "$DEVICE" --iters "$BENCH_ITERS" 2>&1 | tee -a "$SUMMARY"
+log "bench/train_step.py --only-steps:"
+if [ "$DEVICE" = cuda ]; then STEPS="denseclip_r50:512 denseclip_vitb16:640"; BATCHES="1 2 4"
+else STEPS="denseclip_tiny:64"; BATCHES="1 2"; fi
+python bench/train_step.py --only-steps --device "$DEVICE" --step-configs $STEPS --step-batches $BATCHES \
+    --iters "$BENCH_ITERS" 2>&1 | tee -a "$SUMMARY"
 log "summary written to $SUMMARY"

@@ -4,13 +4,17 @@ fraction of the machine's measured matmul peak that the RN50 train step and eval
     python bench/train_step.py                              # CPU: RN50 at 512, batch 1
     python bench/train_step.py --device cuda --batch-size 4 --memory-size 0   # a GPU, official sizes
     python bench/train_step.py --only-text --threads 1 --iters 5              # text encoder: shared prefix
+    python bench/train_step.py --only-steps --threads 1                       # whole step before issue 18 / now
 
 Rows (each a train step = forward + backward + AdamW step, fp32 unless named):
   bf16 autocast; channels_last (model and input); AdamW for-loop / foreach / fused; torch.compile(model);
   --checkpoint-activations; 4 accumulation steps with the text encoder once per optimiser step against once per
   micro-batch (the previous behaviour); evaluation (whole image, text features cached) in fp32 and bf16.
 --only-text: the text encoder's forward + backward to the contexts (150 classes), plain path against the shared
-  prompt prefix, fp32 and bf16, interleaved.
+  prompt prefix, fp32 and bf16 (in bf16 with the bf16 or the fp32 attention kernel), interleaved.
+--only-steps: the whole train step as before issue 18 (plain text path; on CPU the bf16 attention kernel) against
+  now, RN50 at 512 and ViT-B at 640, batch 1, 2 and 4, fp32 and bf16, with the fraction of the matmul peak and the
+  peak memory of each case (a fresh process each).
 Memory: peak with and without activation checkpointing for RN101 and ViT-B (train step, --memory-batch images):
 torch.cuda.max_memory_allocated on GPU, on CPU the peak RSS of a fresh process per case (Python and torch
 included, so differences matter, not absolutes).
@@ -40,13 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: E402
 from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
-from denseclip import build_model, language  # noqa: E402
+from denseclip import build_model, clip, language  # noqa: E402
 from denseclip.clip import TextEncoder  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402
 
 NAMES = list(ADE20K_CLASSES)  # 150 classes
+DEFAULT_MAX_KEYS = clip.CPU_FP32_ATTENTION_MAX_KEYS
 
 
 def sync(device):
@@ -120,9 +125,10 @@ def peak_memory_child(args):
     """One config, one train step, in this fresh process: print its peak memory (MiB) as JSON."""
     device = torch.device(args.device)
     model, x, y = make(args.configs[0], device, args.memory_batch, args.memory_size, ckpt=args.ckpt)
+    set_variant(model, args.before)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = train_step_fn(model, x, y, device)
+    step = train_step_fn(model, x, y, device, amp=torch.bfloat16 if args.amp else None)
     step()
     sync(device)
     mib = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
@@ -131,9 +137,10 @@ def peak_memory_child(args):
 
 def text_rows(args, device, peak):
     """The frozen text encoder's forward + backward to the contexts for the 150 classes, plain path (G*K whole
-    sequences) against the shared prompt prefix (TextEncoder.share_prefix), fp32 and bf16 autocast. The four
-    cases are timed in turn, one call each per round, so a change in the machine's load hits all of them; the
-    median of the rounds is reported."""
+    sequences) against the shared prompt prefix (TextEncoder.share_prefix), fp32 and bf16 autocast (in bf16 also
+    the attention kernel: bf16, or fp32 as clip.attention runs short sequences on CPU). The cases are timed in
+    turn, one call each per round, so a change in the machine's load hits all of them; the median of the rounds
+    is reported."""
     import complexity  # fvcore, imported only here
     from denseclip.configs import CONFIGS
     cfg = CONFIGS[args.config]()
@@ -151,35 +158,100 @@ def text_rows(args, device, peak):
           f"{cfg.class_token_length + cfg.num_contexts} tokens), {len(NAMES)} classes, forward multiply-adds: "
           f"plain {macs[False] / 1e9:.1f} G, shared prefix {macs[True] / 1e9:.1f} G", flush=True)
 
-    def fwd_bwd(amp, share):
+    # (label, bf16 autocast, shared prefix, fp32 attention on CPU); the first row of each dtype is the code before
+    # issue 18 (plain path; in bf16 also the bf16 attention kernel), which the speed-ups are relative to
+    keys = clip.CPU_FP32_ATTENTION_MAX_KEYS
+    cases = [("fp32, plain", False, False, keys), ("fp32, shared prefix", False, True, keys),
+             ("bf16 autocast, plain, bf16 attention", True, False, 0),
+             ("bf16 autocast, plain, fp32 attention", True, False, keys),
+             ("bf16 autocast, shared prefix, bf16 attention", True, True, 0),
+             ("bf16 autocast, shared prefix, fp32 attention", True, True, keys)]
+
+    def fwd_bwd(label, amp, share, max_keys):
         def call():
-            enc.share_prefix = share
+            enc.share_prefix, clip.CPU_FP32_ATTENTION_MAX_KEYS = share, max_keys
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = enc(texts, ctx)  # (1, K, D)
             out.backward(w.to(out.dtype))
             ctx.grad = None
         return call
 
-    cases = [(amp, share) for amp in (False, True) for share in (False, True)]
     times = {c: [] for c in cases}
     for c in cases * args.warmup:
         fwd_bwd(*c)()
     for _ in range(args.iters):
         for c in cases:
             times[c].append(timed(fwd_bwd(*c), device, 1, 0))
+    clip.CPU_FP32_ATTENTION_MAX_KEYS, enc.share_prefix = keys, True
     print(f"{'text encoder forward + backward to the contexts':50s} {'s/call':>9s} {'speed-up':>9s} {'of peak':>7s}"
           f"  {'rounds min-max':>14s}")
-    rows = []
-    for amp in (False, True):
-        plain = sorted(times[amp, False])[len(times[amp, False]) // 2]
-        for share in (False, True):
-            t = sorted(times[amp, share])[len(times[amp, share]) // 2]
-            frac = 2 * macs[share] / t / peak[torch.bfloat16 if amp else None]
-            label = f"{'bf16 autocast' if amp else 'fp32'}, {'shared prefix' if share else 'plain'}"
-            spread = f"{min(times[amp, share]):.3f}-{max(times[amp, share]):.3f}"
-            print(f"{label:50s} {t:9.3f} {plain / t:8.2f}x {100 * frac:6.1f}%  {spread:>14s}", flush=True)
-            rows.append({"row": f"text {label}", "s": t, "ratio": plain / t, "frac": frac, "all_s": times[amp, share]})
+    rows, median = [], lambda ts: sorted(ts)[len(ts) // 2]
+    for c in cases:
+        label, amp, share, _ = c
+        t, before = median(times[c]), median(times[cases[2 if amp else 0]])
+        frac = 2 * macs[share] / t / peak[torch.bfloat16 if amp else None]
+        spread = f"{min(times[c]):.3f}-{max(times[c]):.3f}"
+        print(f"{label:50s} {t:9.3f} {before / t:8.2f}x {100 * frac:6.1f}%  {spread:>14s}", flush=True)
+        rows.append({"row": f"text {label}", "s": t, "ratio": before / t, "frac": frac, "all_s": times[c]})
     return rows
+
+
+def set_variant(model, before: bool):
+    """The code before issue 18 (plain text path; on CPU the bf16 attention kernel for short sequences) or now."""
+    clip.CPU_FP32_ATTENTION_MAX_KEYS = 0 if before else DEFAULT_MAX_KEYS
+    model.text_encoder.share_prefix = not before
+
+
+def step_rows(args, device, peak):
+    """The whole training step (forward, backward, AdamW), before issue 18 against now, at each --step-batches for
+    each --step-configs NAME:SIZE, fp32 and bf16 autocast: the two variants timed in turn, one step each per round
+    (the median of the rounds), on one model; peak memory from a fresh process per case (unless --no-step-memory)."""
+    import complexity  # fvcore, imported only here
+    print(f"{'whole train step':44s} {'batch':>5s} {'s/step':>8s} {'speed-up':>9s} {'of peak':>7s} "
+          f"{'peak MiB':>9s}", flush=True)
+    rows = []
+    for spec in args.step_configs:
+        name, size = spec.split(":")
+        size = int(size)
+        f_img, _ = flops(name, size)
+        for B in args.step_batches:
+            model, x, y = make(name, device, B, size)
+            texts, ctx = model.texts, model.contexts  # (K, 5), (1, M, C)
+            f_txt = {}
+            for before in (True, False):
+                set_variant(model, before)
+                f_txt[before] = complexity.flop_analysis(model.text_encoder, (texts, ctx)).total()
+            for amp in (None, torch.bfloat16):
+                step = train_step_fn(model, x, y, device, amp=amp)
+                times = {True: [], False: []}
+                for r in range(args.warmup + args.iters):
+                    for before in (True, False):
+                        set_variant(model, before)
+                        t = timed(step, device, 1, 0)
+                        if r >= args.warmup:
+                            times[before].append(t)
+                med = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
+                for before in (True, False):
+                    mib = step_memory(args, name, size, B, amp, before) if args.step_memory else float("nan")
+                    macs = 3 * f_img * B + 2 * f_txt[before]
+                    frac = macs / med[before] / peak[amp]
+                    label = f"{name} {size}, {'bf16' if amp else 'fp32'}, {'before' if before else 'now'}"
+                    print(f"{label:44s} {B:5d} {med[before]:8.3f} {med[True] / med[before]:8.2f}x "
+                          f"{100 * frac:6.1f}% {mib:9.0f}", flush=True)
+                    rows.append({"row": label, "batch": B, "s": med[before], "ratio": med[True] / med[before],
+                                 "frac": frac, "mib": mib, "all_s": times[before]})
+            set_variant(model, False)
+            del model, x, y
+    return rows
+
+
+def step_memory(args, name, size, batch, amp, before):
+    """Peak memory (MiB) of one train step of this case in a fresh process (peak_memory_child)."""
+    cmd = [sys.executable, __file__, "--child", "--configs", name, "--device", args.device, "--memory-batch",
+           str(batch), "--memory-size", str(size)] + (["--amp"] if amp else []) + (["--before"] if before else []) + \
+        (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["mib"]
 
 
 def eval_rows(args, device, B, f_img, row):
@@ -206,6 +278,13 @@ def main(argv=None):
     p.add_argument("--only-eval", action="store_true", help="only the two evaluation rows")
     p.add_argument("--only-text", action="store_true",
                    help="only the text encoder's forward + backward, plain against the shared prompt prefix")
+    p.add_argument("--only-steps", action="store_true",
+                   help="only the whole train step before issue 18 against now, per --step-configs and --step-batches")
+    p.add_argument("--step-configs", nargs="+", default=["denseclip_r50:512", "denseclip_vitb16:640"],
+                   metavar="NAME:SIZE")
+    p.add_argument("--step-batches", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--no-step-memory", dest="step_memory", action="store_false",
+                   help="--only-steps without the peak-memory column (a fresh process per case)")
     p.add_argument("--only-accumulation", action="store_true",
                    help="only the baseline and the two 4-accumulation-step rows (text once per step or not)")
     p.add_argument("--memory-configs", nargs="*", default=["denseclip_r101", "denseclip_vitb16"])
@@ -214,6 +293,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--configs", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -225,8 +306,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; {args.config} at {args.size}x{args.size}, batch {args.batch_size}",
-          flush=True)
+    what = "text encoder" if args.only_text else "whole train step" if args.only_steps else \
+        f"{args.config} at {args.size}x{args.size}, batch {args.batch_size}"
+    print(f"torch {torch.__version__}, {where}; {what}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     n = 8192 if device.type == "cuda" else 2048
     peak = {None: matmul_peak(device, torch.float32, n), torch.bfloat16: matmul_peak(device, torch.bfloat16, n)}
@@ -234,6 +316,8 @@ def main(argv=None):
           f"bf16 {peak[torch.bfloat16] / 1e12:.3f} T", flush=True)
     if args.only_text:
         return text_rows(args, device, peak)
+    if args.only_steps:
+        return step_rows(args, device, peak)
     f_img, f_txt = flops(args.config, args.size)
     B = args.batch_size
     print(f"FLOPs (multiply-adds): image path {f_img / 1e9:.1f} G per image, frozen text encoder {f_txt / 1e9:.1f} G "

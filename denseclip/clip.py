@@ -4,7 +4,8 @@ Mirrors OpenAI CLIP's `model.py` and keeps every parameter name, so OpenAI `.pt`
 official DenseCLIP checkpoints load strictly. CLIP's ResNet image encoder and its attention pool are in
 resnet.py; reading OpenAI's `.pt` files (`load_clip`) is in checkpoint.py. What differs from OpenAI's code:
 - Tensors are batch-first everywhere and attention runs through `F.scaled_dot_product_attention`
-  (OpenAI permutes to (L, B, C) for `nn.MultiheadAttention`); no `.half()`: use `torch.autocast`.
+  (OpenAI permutes to (L, B, C) for `nn.MultiheadAttention`); no `.half()`: use `torch.autocast` (on CPU, short
+  sequences then attend in fp32: `attention`).
 - `VisionTransformer.forward_dense` also returns the four pyramid levels and the dense map z. The ViT pyramid
   (up x4, up x2, identity, down x2 from blocks 3, 5, 7, 11) is the one of the official DenseCLIP ViT-B/16
   backbone, with the same parameter names (fpn1..fpn4).
@@ -70,9 +71,29 @@ def resize_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], mode: str = "bili
 
 
 # ----------------------------------------------------------------------------- transformers
+# On CPU, the bf16 / fp16 kernels of scaled_dot_product_attention pay a fixed cost per (sequence, head) pair in the
+# backward, ~60 us against ~9 us in fp32 (torch 2.14, one thread; bench/README.md): for the text encoder's short
+# prompts (150 classes x 8 heads x 13 tokens) the bf16 forward + backward took 6x as long as fp32. Up to this many
+# keys, reduced-precision attention on CPU runs in fp32 (faster there, and more exact); beyond it (ViT-B at 640:
+# 1601 tokens) the bf16 kernel is the faster one. Set it to 0 for the kernel as autocast picks it.
+CPU_FP32_ATTENTION_MAX_KEYS = 256
+
+
+def attention(q, k, v, attn_mask=None, is_causal: bool = False):
+    """F.scaled_dot_product_attention (q (..., Lq, d), k v (..., Lk, d)), in fp32 on CPU for reduced-precision
+    inputs of at most CPU_FP32_ATTENTION_MAX_KEYS keys (the result is cast back to q's dtype)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and \
+            k.shape[-2] <= CPU_FP32_ATTENTION_MAX_KEYS:
+        with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back to bf16
+            x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               is_causal=is_causal)
+        return x.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 class SelfAttention(nn.Module):
     """nn.MultiheadAttention's parameters (in_proj_weight, in_proj_bias, out_proj), batch-first,
-    computed with scaled_dot_product_attention."""
+    computed with `attention` (scaled_dot_product_attention)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -86,7 +107,7 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3C)
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, C/h)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, L, C/h)
+        x = attention(q, k, v, is_causal=causal)  # (B, h, L, C/h)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, C))
 
     def forward_shared_prefix(self, x, G: int, P: int, K: int):
@@ -99,11 +120,11 @@ class SelfAttention(nn.Module):
         pre, suf = F.linear(x, self.in_proj_weight, self.in_proj_bias).split([G * P, G * K * S])  # (N, 3C) split
         q_p, k_p, v_p = pre.view(G, P, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G, h, P, C/h)
         q_s, k_s, v_s = suf.view(G * K, S, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (G*K, h, S, C/h)
-        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (G, h, P, C/h)
+        out_p = attention(q_p, k_p, v_p, is_causal=True)  # (G, h, P, C/h)
         k_s, v_s = (torch.cat([t[:, None].expand(G, K, h, P, C // h), u.unflatten(0, (G, K))], dim=3).flatten(0, 1)
                     for t, u in ((k_p, k_s), (v_p, v_s)))  # 2 x (G*K, h, P+S, C/h): the prefix's, then its own
         mask = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(P)  # (S, P+S): suffix i sees j <= P+i
-        out_s = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask)  # (G*K, h, S, C/h)
+        out_s = attention(q_s, k_s, v_s, attn_mask=mask)  # (G*K, h, S, C/h)
         out = torch.cat([out_p.transpose(1, 2).reshape(G * P, C), out_s.transpose(1, 2).reshape(G * K * S, C)])
         return self.out_proj(out)  # (N, C)
 

@@ -4,7 +4,7 @@ float64 to 1e-12, under bf16 autocast, with pre-model prompting (one prefix per 
 import pytest
 import torch
 
-from denseclip import build_model, language
+from denseclip import build_model, clip, language
 from denseclip.clip import TextEncoder
 from denseclip.data.classes import ADE20K_CLASSES
 from denseclip.data.procedural import SHAPE_CLASSES
@@ -122,3 +122,30 @@ def test_text_once_per_step_with_shared_prefix_gives_the_plain_per_micro_batch_g
     # bias), and their relative difference is that of two rounding noises
     flat_once, flat_ref = (torch.cat([g[n].flatten() for n in sorted(ref)]) for g in (once, ref))
     assert rel_diff(flat_once, flat_ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_short_attention_runs_in_fp32_on_cpu_under_autocast(dtype):
+    """clip.attention: on CPU, reduced-precision q, k, v of at most CPU_FP32_ATTENTION_MAX_KEYS keys go through the
+    fp32 kernel (autocast would recast them: it is switched off inside), the result and the gradients in the
+    inputs' dtype; longer sequences and CPU_FP32_ATTENTION_MAX_KEYS = 0 keep the reduced-precision kernel."""
+    from torch.nn import functional as F
+    g = torch.Generator().manual_seed(0)
+    limit = clip.CPU_FP32_ATTENTION_MAX_KEYS
+    for L, fp32 in ((13, True), (limit, True), (limit + 1, False)):
+        q, k, v = (torch.randn(3, 2, L, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+        with torch.autocast("cpu", dtype=dtype):
+            out = clip.attention(q, k, v, attn_mask=mask)
+        ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=mask).to(dtype) if fp32 \
+            else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert out.dtype == dtype and torch.equal(out, ref), L
+        out.float().sum().backward()
+        assert q.grad.dtype == dtype and torch.isfinite(q.grad).all()
+    q = torch.randn(3, 2, 13, 8, generator=g).to(dtype)
+    try:
+        clip.CPU_FP32_ATTENTION_MAX_KEYS = 0
+        assert torch.equal(clip.attention(q, q, q, is_causal=True),
+                           F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    finally:
+        clip.CPU_FP32_ATTENTION_MAX_KEYS = limit

@@ -131,6 +131,35 @@ def test_smoke_train_then_eval(tmp_path, capsys):
     assert ev["mIoU"] == res["mIoU"] and ev["aAcc"] == res["aAcc"]
 
 
+def test_threads_from_the_recipe_or_the_option_and_restored_after(tmp_path, monkeypatch):
+    """--threads: the procedural recipe's 1 during the run, and eval.py's on procedural data; an explicit value
+    wins; with OMP_NUM_THREADS set and --threads unset torch's count is left alone; the caller's count is back
+    after each."""
+    seen = []
+
+    def spy(real):
+        return lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
+    monkeypatch.setattr(train, "train_step", spy(train.train_step))
+    monkeypatch.setattr(evaluation, "evaluate", spy(evaluation.evaluate))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither 1 nor the recipe's nor this machine's 2 cores
+    try:
+        for i, (extra, env, expected) in enumerate([([], None, 1), (["--threads", "2"], None, 2), ([], "4", 3),
+                                                    (["--threads", "2"], "4", 2)]):
+            if env:
+                monkeypatch.setenv("OMP_NUM_THREADS", env)
+            seen.clear()
+            train.main([*TINY, "--iters", "1", "--out-dir", str(tmp_path / str(i)), *extra])
+            assert seen == [expected] and torch.get_num_threads() == 3, (extra, env, seen)
+            seen.clear()
+            evaluation.main([str(tmp_path / str(i) / "iter_000001.pt"), "--workers", "0", *extra])
+            assert seen == [expected] and torch.get_num_threads() == 3, (extra, env, seen)
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    finally:
+        torch.set_num_threads(caller)
+
+
 def test_unreadable_sample_names_the_file(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
     bad = tmp_path / "data" / "images" / "training" / "sub" / "2.jpg"

@@ -1,10 +1,11 @@
 """Distributed set-up the plain way (torchrun's RANK / WORLD_SIZE / LOCAL_RANK), rank-0 printing, synchronised
-BatchNorm on CPU and the DDP wrapper of the training step; shared by train.py and eval.py.
+BatchNorm on CPU, the DDP wrapper of the training step and the CPU thread count; shared by train.py and eval.py.
 
 NCCL on GPUs, gloo on CPU, so two CPU processes run in CI. SyncBN only when world size > 1 (the official code
 forced it and crashed on one GPU, issue #24). PyTorch's nn.SyncBatchNorm refuses CPU tensors, hence
 CPUSyncBatchNorm below, with the same parameters and buffers so checkpoints do not depend on the device.
 """
+import contextlib
 import os
 
 import torch
@@ -15,6 +16,34 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from ..language import text_once_parameters
 from ..precision import at_least_fp32
+
+
+THREADS_HELP = ("intra-op CPU threads per process (torch.set_num_threads); 0: torch's own default (one per core, "
+                "or OMP_NUM_THREADS); unset: the recipe's, but OMP_NUM_THREADS when you set it")
+
+
+def default_threads(recipe_value: int) -> int:
+    """--threads left unset: the recipe's value, unless OMP_NUM_THREADS is set (then 0: torch follows it)."""
+    return 0 if os.environ.get("OMP_NUM_THREADS") else recipe_value
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int):
+    """torch's intra-op thread count set to `threads` for the block (0: left as it is), then restored (the
+    entry points also run inside other programs: tests, notebooks).
+
+    Why the procedural recipes default to 1 (bench/threads.py, 2-core machine, 60 steps of `python train.py`): on
+    idle cores two threads are 1.16x faster than one (12.4 vs 14.4 s), but with two other busy processes on the
+    cores they are 1.5-3x slower (31-61 s vs 21 s): the tiny model's thousands of small parallel regions each
+    wait at a barrier for a thread that the other jobs have preempted. One thread also makes the run's floating-
+    point sums, hence its numbers, the same on every machine whatever its core count."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def init_distributed(device: str = None):

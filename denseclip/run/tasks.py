@@ -59,10 +59,10 @@ class Segmentation(Task):
     recipes = {
         "official": ("--dataset ade20k, voc21, ..., folder: the official recipe (mmseg)",
                      dict(iters=80000, batch_size=4, global_batch=32, lr=1e-4, warmup_iters=1500,
-                          backbone_lr_mult=0.1, eval_interval=8000, save_interval=8000, workers=4)),
+                          backbone_lr_mult=0.1, eval_interval=8000, save_interval=8000, workers=4, threads=0)),
         "procedural": ("--dataset procedural: tiny models from random weights, ~6 min on 2 CPU cores",
                        dict(iters=3000, batch_size=8, global_batch=None, lr=2e-3, warmup_iters=50,
-                            backbone_lr_mult=1.0, eval_interval=1000, save_interval=1000, workers=0)),
+                            backbone_lr_mult=1.0, eval_interval=1000, save_interval=1000, workers=0, threads=1)),
     }
     check = staticmethod(preflight.check_segmentation)
     collate = None  # torch's default: crops of one size stack into (B, 3, H, W) images and (B, H, W) labels
@@ -216,10 +216,11 @@ SEGMENTATION = Segmentation()
 DETECTION = Detection("detection (retinanet_*)", {
     "official": ("--dataset coco: mmdet's 1x recipe",
                  dict(epochs=12, lr_steps=[8, 11], batch_size=2, global_batch=16, lr=1e-4, warmup_iters=500,
-                      backbone_lr_mult=0.1, clip_grad=0.1, workers=2)),
+                      backbone_lr_mult=0.1, clip_grad=0.1, workers=2, threads=0)),
     "procedural": ("--dataset procedural: the 1x shape over procedural epochs, from random weights",
                    dict(epochs=12, lr_steps=[8, 11], batch_size=8, global_batch=None, lr=1e-3, warmup_iters=50,
-                        backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=1000, save_interval=1000, workers=0)),
+                        backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=1000, save_interval=1000, workers=0,
+                        threads=1)),
 })
 # Mask R-CNN (maskrcnn_*) on COCO: the same 1x recipe at twice the lr (every official mask_rcnn_*_fpn_1x_coco
 # config: 2e-4). On procedural shapes: the same 12-epoch shape, but a step costs about three RetinaNet steps on CPU
@@ -227,11 +228,11 @@ DETECTION = Detection("detection (retinanet_*)", {
 MASKRCNN = Detection("Mask R-CNN (maskrcnn_*)", {
     "official": ("--dataset coco: the official configs (the 1x recipe at twice the lr)",
                  dict(epochs=12, lr_steps=[8, 11], batch_size=2, global_batch=16, lr=2e-4, warmup_iters=500,
-                      backbone_lr_mult=0.1, clip_grad=0.1, workers=2)),
+                      backbone_lr_mult=0.1, clip_grad=0.1, workers=2, threads=0)),
     "procedural": ("--dataset procedural: the 1x shape over shorter epochs, from random weights",
                    dict(epochs=12, train_size=640, lr_steps=[8, 11], batch_size=4, global_batch=None, lr=1e-3,
                         warmup_iters=50, backbone_lr_mult=1.0, clip_grad=1.0, eval_interval=0, save_interval=1000,
-                        workers=0)),
+                        workers=0, threads=1)),
 })
 TASKS = (SEGMENTATION, DETECTION, MASKRCNN)
 
