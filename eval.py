@@ -35,6 +35,7 @@ from denseclip.run.checkpoints import saved_train_args
 from denseclip.run.distributed import THREADS_HELP, cpu_threads, default_threads, init_distributed, print0
 from denseclip.run.evaluate import AUG_RATIOS, evaluate
 from denseclip.run.outputs import check_out_dir, check_out_file
+from denseclip.run.step import memory_format
 from denseclip.run.tasks import SEGMENTATION, task_for
 from denseclip.run.zero_shot import (PROTOCOL_SCALE, add_zero_shot_args, describe, has_background, read_queries,
                                      zero_shot_segmenter)
@@ -177,7 +178,7 @@ def main(argv=None):
             model, dataset = trained_model(args, task)
         except UserError as e:
             raise name_inherited(e, args) from None
-    model.to(device)
+    model.to(device, memory_format=memory_format(device, args.amp))  # NHWC for bf16 on CPU
     if args.score_maps and task is SEGMENTATION and not args.zero_shot:  # zero-shot: CLIP's 77 tokens
         name_tokens(model, args.score_maps)  # names over the token budget fail now, not after the evaluation
     test = task.test_options(args, model)  # segmentation: mode, ratios, flip; detection: none

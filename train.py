@@ -46,14 +46,15 @@ from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
 from denseclip.run.optim import CUSTOM_KEYS, param_groups
 from denseclip.run.outputs import check_new_run, check_out_dir
-from denseclip.run.step import StopSignals, autocast, data_note, stop_if_not_finite, stopped
+from denseclip.run.step import (StopSignals, autocast, data_note, in_format, memory_format, stop_if_not_finite,
+                                stopped)
 from denseclip.run.tasks import TASKS, task_for
 
 RECIPE_OPTIONS = {key for task in TASKS for _, defaults in task.recipes.values() for key in defaults}
 UNSET = """  global-batch unset: batch-size x processes (no accumulation); detection: eval/save intervals unset = one
   epoch (train images // global-batch iterations); eval-interval 0: evaluation only at the end"""
 EXAMPLES = """recipes:
-  python train.py                                   # denseclip_tiny, procedural shapes, ~6 min on 2 CPU cores
+  python train.py                                   # denseclip_tiny, procedural shapes, ~7 min on one CPU core
   python train.py --model fpn_tiny                  # its no-language baseline
   python train.py --model retinanet_denseclip_tiny  # a detector on procedural shapes (retinanet_tiny: no language)
   python train.py --model maskrcnn_denseclip_tiny   # instance segmentation on procedural shapes (maskrcnn_tiny)
@@ -199,6 +200,7 @@ def train_step(model, batches, optimizer, scaler, accum: int, device, amp="none"
             epoch, seen, images, targets = next(batches)
             loaded.append((images, targets))
             images, targets = to_device((images, targets), device)  # detection: lists of images and target dicts
+            images = in_format(images, memory_format(device, amp))  # NHWC for bf16 on CPU
             # Gradients are all-reduced once per optimiser step, on the last micro-batch.
             with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast(device, amp):
@@ -241,7 +243,7 @@ def build(args, task, world: int, device):
     initialise(model, args, cfg)
     if world > 1:
         model = convert_sync_batchnorm(model, device)  # only here: SyncBN on a single process crashes (issue #24)
-    model.to(device)
+    model.to(device, memory_format=memory_format(device, args.amp))  # NHWC for bf16 on CPU
     custom_keys = dict(CUSTOM_KEYS, backbone={"lr_mult": args.backbone_lr_mult})
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, custom_keys), lr=args.lr,
                                   weight_decay=args.weight_decay)

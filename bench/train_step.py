@@ -46,6 +46,7 @@ from denseclip.run.activation_checkpoint import checkpoint_activations  # noqa: 
 from denseclip.data.classes import ADE20K_CLASSES  # noqa: E402
 from denseclip import build_model, clip, language  # noqa: E402
 from denseclip.clip import TextEncoder  # noqa: E402
+from denseclip.run.step import memory_format  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
 from throughput import peak_rss_mib  # noqa: E402
@@ -125,7 +126,7 @@ def peak_memory_child(args):
     """One config, one train step, in this fresh process: print its peak memory (MiB) as JSON."""
     device = torch.device(args.device)
     model, x, y = make(args.configs[0], device, args.memory_batch, args.memory_size, ckpt=args.ckpt)
-    set_variant(model, args.before)
+    x = x.contiguous(memory_format=set_variant(model, args.before, args.amp))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step = train_step_fn(model, x, y, device, amp=torch.bfloat16 if args.amp else None)
@@ -196,10 +197,15 @@ def text_rows(args, device, peak):
     return rows
 
 
-def set_variant(model, before: bool):
-    """The code before issue 18 (plain text path; on CPU the bf16 attention kernel for short sequences) or now."""
+def set_variant(model, before: bool, amp=None):
+    """The code before issue 18 (plain text path; on CPU the bf16 attention kernel for short sequences and NCHW
+    tensors) or now (train.py's memory format for the dtype: NHWC for bf16 on CPU). Returns the memory format."""
     clip.CPU_FP32_ATTENTION_MAX_KEYS = 0 if before else DEFAULT_MAX_KEYS
     model.text_encoder.share_prefix = not before
+    device = next(model.parameters()).device
+    fmt = torch.contiguous_format if before else memory_format(device, "bf16" if amp else "none")
+    model.to(memory_format=fmt)
+    return fmt
 
 
 def step_rows(args, device, peak):
@@ -222,12 +228,13 @@ def step_rows(args, device, peak):
                 set_variant(model, before)
                 f_txt[before] = complexity.flop_analysis(model.text_encoder, (texts, ctx)).total()
             for amp in (None, torch.bfloat16):
-                step = train_step_fn(model, x, y, device, amp=amp)
+                steps = {before: train_step_fn(model, x.contiguous(memory_format=set_variant(model, before, amp)),
+                                               y, device, amp=amp) for before in (True, False)}
                 times = {True: [], False: []}
                 for r in range(args.warmup + args.iters):
                     for before in (True, False):
-                        set_variant(model, before)
-                        t = timed(step, device, 1, 0)
+                        set_variant(model, before, amp)
+                        t = timed(steps[before], device, 1, 0)
                         if r >= args.warmup:
                             times[before].append(t)
                 med = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}

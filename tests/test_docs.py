@@ -51,6 +51,8 @@ SMOKE = {
     "python train.py": [*SHORT, "--out-dir", "runs/smoke"],
     "python -m pytest -q": ["--collect-only", "tests/test_metrics.py"],
     "python train.py --model fpn_tiny": [*SHORT, "--out-dir", "runs/smoke"],
+    "python train.py --threads 2": [*SHORT, "--out-dir", "runs/smoke"],
+    "python train.py --threads 0": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --dataset ade20k --pretrained pretrained/RN50.pt": [*SHORT, "--out-dir", "runs/smoke"],
     "torchrun --nproc_per_node 8 train.py --dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt "
     "--out-dir runs/r50": [*TINY, *SHORT, "--out-dir", "runs/smoke"],  # runs/r50 holds the fixture's checkpoint

@@ -14,7 +14,7 @@ from ..data.coco import CocoDetection
 from ..progress import progress
 from .batches import ignore_stop_signals, to_device
 from .outputs import inside
-from .step import autocast
+from .step import autocast, in_format, memory_format
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test (with horizontal flip)
 
@@ -44,6 +44,7 @@ def evaluate(model, dataset, device, task, amp="none", workers=0, show_dir=None,
     metric = task.metric(model, dataset)
     for index, batch in progress(zip(indices, loader), "eval", total=len(indices)):
         images, targets = to_device(batch, device)
+        images = in_format(images, memory_format(device, amp))  # NHWC for bf16 on CPU
         with autocast(device, amp):
             output = task.predict(model, images, targets, **test)
         task.update(metric, index, output, targets)
