@@ -75,11 +75,18 @@ def test_pre_model_prompting_keeps_one_text_pass_per_micro_batch():
 
 def test_text_once_per_step_under_ddp_matches_ddp_per_micro_batch(tmp_path):
     """2 gloo processes x 2 micro-batches: the text parameters leave DDP's reducer and are averaged by
-    text_once_per_step; every gradient equals DDP's own per-micro-batch result, on both ranks."""
+    text_once_per_step; every gradient equals DDP's own per-micro-batch result, on both ranks; and those of the
+    shared prompt prefix (the default) equal the text encoder's plain path under the same DDP step (fp32)."""
     torchrun("tests/ddp_text_once.py", [str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["missing"] == [] and "contexts" in out["rel"]
+    assert out["missing"] == [] and "contexts" in out["rel"] and set(out["rel_plain"]) == set(out["rel"])
     assert max(out["rel"].values()) < 1e-6, max(out["rel"].items(), key=lambda kv: kv[1])
+    # the attention pool's key bias shifts every logit of a query alike, so softmax removes it: its true gradient is
+    # 0 and what is computed is rounding noise, relative to which any two computations differ by ~100%
+    plain = {n: r for n, r in out["rel_plain"].items() if n != "backbone.attnpool.k_proj.bias"}
+    # fp32: the two paths sum in different orders (float64 agreement to 1e-12 is in tests/test_prefix_sharing.py);
+    # the context decoder's gradients, scaled by gamma = 1e-4, show it most (~2e-5)
+    assert max(plain.values()) < 1e-4, max(plain.items(), key=lambda kv: kv[1])
     assert out["contexts_rank_diff"] == 0.0 and out["contexts_norm"] > 0  # averaged: the same on both ranks
 
 
