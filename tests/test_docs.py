@@ -125,6 +125,10 @@ SMOKE = {
     "--dataset ade20k --model denseclip_r50 --pretrained pretrained/RN50.pt --batch-size 2 --out-dir runs/r50": [
         *TINY, *SHORT, "--out-dir", "runs/smoke"],
     "python bench/train_step.py --only-text": ["--config", "denseclip_tiny", "--iters", "1", "--warmup", "0"],
+    "python bench/train_step.py --only-steps": ["--step-configs", "denseclip_tiny:64", "--step-batches", "1",
+                                                "--iters", "1", "--warmup", "0", "--no-step-memory"],
+    "python bench/threads.py": ["--iters", "2", "--val-size", "2", "--loads", "0", "--rounds", "1", "--settings",
+                                "one"],
     # data/README.md
     "python -m denseclip.data.preflight --dataset ade20k": [],
     "python -m denseclip.data.preflight --dataset folder --data-root data/mine --class-names data/mine/names.txt": [],
