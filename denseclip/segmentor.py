@@ -128,8 +128,7 @@ class DenseCLIP(nn.Module):
         if labels is None:
             return resize(logits, images.shape[-2:])[..., :H, :W]  # (B, K, H, W)
         # Promoted before the resize, as mmseg's force_fp32 losses do: under bf16 the (B, K, H, W) upsample and its
-        # backward then run on fp32 (CPU's bf16 bilinear kernels are ~2x slower) and only the 16x smaller stride-4
-        # logits are cast.
+        # backward run in fp32 (more exact), and the cast touches the 16x smaller stride-4 logits, not the full size.
         size = labels.shape[-2:]
         losses = {"loss_decode": seg_cross_entropy(resize(at_least_fp32(logits), size), labels, cfg.ignore_index)}
         if score is not None:  # the "identity head": the score map itself as a segmentation (s / τ)
