@@ -81,8 +81,7 @@ def parse_args(argv=None):
                                  "(RLE) to OUT with the suffix .segm.json (default: no file)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype of the forward")
     p.add_argument("--workers", type=whole(0), default=2, help="DataLoader worker processes per process")
-    p.add_argument("--threads", type=whole(0), help=THREADS_HELP.replace("the recipe's", "1 on procedural data, "
-                                                                         "else 0"))
+    p.add_argument("--threads", type=whole(0), help=THREADS_HELP + " (train.py's, for the dataset)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     add_zero_shot_args(p, evaluation=True)
     given = p.parse_args(argv)
@@ -186,8 +185,8 @@ def main(argv=None):
     print0(f"evaluating {args.checkpoint} ({args.model}) on {len(dataset)} {args.dataset} images"
            f"{': ' + how if how else ''}, {world} process(es)")
     title = (f"model {args.model}", f"checkpoint {Path(args.checkpoint).name}")
-    threads = args.threads if args.threads is not None else default_threads(int(args.dataset == "procedural"))
-    with cpu_threads(threads):  # the procedural models are small: one thread (see cpu_threads)
+    threads = args.threads if args.threads is not None else default_threads(task.recipe(args.dataset)["threads"])
+    with cpu_threads(threads):  # the training recipe's count: procedural models are small, one thread
         metric = evaluate(model, dataset, device, task, args.amp, args.workers, args.show_dir, title, **test)
     res = metric.compute()
     print0(metric.format_table(dataset.class_names))
