@@ -44,7 +44,7 @@ from denseclip.run.distributed import (THREADS_HELP, convert_sync_batchnorm, cpu
                                       init_distributed, print0, unwrap, wrap_ddp)
 from denseclip.run.evaluate import evaluate
 from denseclip.run.log import RunLog, TrainMeter
-from denseclip.run.optim import CUSTOM_KEYS, param_groups
+from denseclip.run.optim import custom_keys_for, param_groups
 from denseclip.run.outputs import check_new_run, check_out_dir
 from denseclip.run.step import (StopSignals, autocast, data_note, in_format, memory_format, stop_if_not_finite,
                                 stopped)
@@ -244,7 +244,7 @@ def build(args, task, world: int, device):
     if world > 1:
         model = convert_sync_batchnorm(model, device)  # only here: SyncBN on a single process crashes (issue #24)
     model.to(device, memory_format=memory_format(device, args.amp))  # NHWC for bf16 on CPU
-    custom_keys = dict(CUSTOM_KEYS, backbone={"lr_mult": args.backbone_lr_mult})
+    custom_keys = custom_keys_for(args.backbone_lr_mult, train_text_encoder=not cfg.freeze_text_encoder)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, custom_keys), lr=args.lr,
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

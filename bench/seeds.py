@@ -13,7 +13,8 @@ order given: with two or more, the table says at which seeds the first is ahead 
 
 Runs go side by side (--jobs) with --threads intra-op threads each; on a 2-core machine two one-thread runs take
 about as long as one two-thread run, and a one-thread run's numbers do not depend on the load. Note the load
-average (printed at the start and the end) with the wall times: other jobs move them by 2-10x.
+average (printed at the start and the end) with the wall times: other jobs move them by 2-10x; the CPU time (the
+run's own, from wait4) moves much less and is about the wall time of a one-thread run on an idle core.
 """
 import argparse
 import json
@@ -45,8 +46,8 @@ def run_one(model: str, seed: int, args, extra) -> dict:
     out = Path(args.out_dir).resolve() / f"{model}_seed{seed}"  # train.py runs in the repository root
     log = out / "log.jsonl"
     if (numbers := final_numbers(log)) is not None:
-        return {"numbers": numbers, "wall_s": json.loads((out / "wall.json").read_text())["wall_s"]
-                if (out / "wall.json").is_file() else None, "reused": True}
+        timing = json.loads((out / "wall.json").read_text()) if (out / "wall.json").is_file() else {}
+        return {"numbers": numbers, "wall_s": timing.get("wall_s"), "cpu_s": timing.get("cpu_s"), "reused": True}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):  # an unfinished run starts over: its log would mix two runs
         if stale.is_file():
@@ -56,27 +57,33 @@ def run_one(model: str, seed: int, args, extra) -> dict:
            *extra]
     start = time.perf_counter()
     with open(out / "stdout.txt", "w") as stdout:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, whatever else runs beside it
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    wall, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
     if rc != 0 or (numbers := final_numbers(log)) is None:
         raise SystemExit(f"error: {' '.join(cmd)} failed (exit status {rc}); its output: {out / 'stdout.txt'}")
-    (out / "wall.json").write_text(json.dumps({"wall_s": wall, "threads": args.threads,
+    (out / "wall.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "threads": args.threads,
                                                "load": os.getloadavg()}))
-    return {"numbers": numbers, "wall_s": wall, "reused": False}
+    return {"numbers": numbers, "wall_s": wall, "cpu_s": cpu, "reused": False}
 
 
 def table(models, seeds, results) -> str:
     """Markdown rows: per-seed numbers, mean ± std, min, mean wall time; then who is ahead at which seeds."""
-    lines = ["| model | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | min | wall (mean) |",
-             "|---|---|" + "---|" * (len(seeds) + 3)]
+    lines = ["| model | metric | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean ± std | min | wall (mean) | CPU (mean) |", "|---|---|" + "---|" * (len(seeds) + 4)]
+
+    def mean_of(model, key):
+        times = [results[(model, s)][key] for s in seeds if results[(model, s)].get(key) is not None]
+        return f"{statistics.mean(times):.0f} s" if times else "-"
+
     for model in models:
         for key in results[(model, seeds[0])]["numbers"]:
             values = [results[(model, s)]["numbers"][key] for s in seeds]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            walls = [results[(model, s)]["wall_s"] for s in seeds if results[(model, s)]["wall_s"] is not None]
-            wall = f"{statistics.mean(walls):.0f} s" if walls else "-"
             lines.append(f"| `{model}` | {key} | " + " | ".join(f"{v:.2f}" for v in values)
-                         + f" | {statistics.mean(values):.2f} ± {std:.2f} | {min(values):.2f} | {wall} |")
+                         + f" | {statistics.mean(values):.2f} ± {std:.2f} | {min(values):.2f} | "
+                         + f"{mean_of(model, 'wall_s')} | {mean_of(model, 'cpu_s')} |")
     first = models[0]
     key = next(iter(results[(first, seeds[0])]["numbers"]))
     for other in models[1:]:
@@ -109,8 +116,9 @@ def main(argv=None):
         results = {}
         for (model, seed), future in futures.items():
             results[(model, seed)] = res = future.result()
-            print(f"  {model} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in res["numbers"].items())
-                  + (" (read from its folder)" if res["reused"] else f" in {res['wall_s']:.0f} s"), flush=True)
+            how = " (read from its folder)" if res["reused"] else f" in {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s"
+            print(f"  {model} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in res["numbers"].items()) + how,
+                  flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}\n\n" + table(args.models, args.seeds, results))
 
 

@@ -102,6 +102,8 @@ def add_language(model: nn.Module, cfg, class_names: Sequence[str]):
                                      cfg.text_heads, cfg.text_layers, cfg.embed_dim)
     if cfg.freeze_text_encoder:
         model.text_encoder.requires_grad_(False)
+    elif cfg.freeze_token_embedding:
+        model.text_encoder.token_embedding.requires_grad_(False)
     texts = tokenize_class_names(model.class_names, cfg.class_token_length, cfg.truncate_class_names)
     model.register_buffer("texts", texts, persistent=False)  # (K, class_token_length)
     if cfg.prompting == "pre":

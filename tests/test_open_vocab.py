@@ -1,5 +1,5 @@
-"""Open-vocabulary queries on a trained segmentor: new names go through the same contexts, frozen text encoder and
-context decoder (language.py's one text path and score map), written out here; the training names give the
+"""Open-vocabulary queries on a trained segmentor: new names go through the same contexts, text encoder and context
+decoder (language.py's one text path and score map), written out here; the training names give the
 training map."""
 import pytest
 import torch

@@ -46,14 +46,19 @@ def test_baseline_has_no_language():
     assert set(model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long))) == {"loss_decode"}
 
 
-def test_text_encoder_frozen_contexts_learn(tiny):
-    assert not any(p.requires_grad for p in tiny.text_encoder.parameters())
-    tiny.train()
-    tiny.zero_grad()
-    sum(tiny(torch.randn(1, 3, 64, 64), torch.randint(0, 4, (1, 64, 64))).values()).backward()
-    assert tiny.contexts.grad is not None and tiny.contexts.grad.abs().sum() > 0
-    assert all(p.grad is None for p in tiny.text_encoder.parameters())
-    assert tiny.gamma.grad is not None
+@pytest.mark.parametrize("freeze, table", [(True, False), (False, True), (False, False)])
+def test_what_of_the_text_encoder_learns(freeze, table):
+    """Frozen (the official recipe): only the contexts learn through it; unfrozen: all of it, or all but the BPE
+    table (freeze_token_embedding, the tiny recipes'); the contexts and γ learn in every case."""
+    torch.manual_seed(0)
+    model = build_model("denseclip_tiny", NAMES, freeze_text_encoder=freeze, freeze_token_embedding=table).train()
+    sum(model(torch.randn(1, 3, 64, 64), torch.randint(0, 4, (1, 64, 64))).values()).backward()
+    params = dict(model.text_encoder.named_parameters())
+    want = set() if freeze else set(params) - ({"token_embedding.weight"} if table else set())
+    assert {n for n, p in params.items() if p.requires_grad} == want
+    assert {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0} == want
+    assert model.contexts.grad is not None and model.contexts.grad.abs().sum() > 0
+    assert model.gamma.grad is not None
 
 
 def test_text_features_cached_in_eval_only(tiny):

@@ -94,6 +94,15 @@ def test_param_groups_skip_the_frozen_text_encoder():
     assert model.contexts.requires_grad and id(model.contexts) in in_groups  # contexts learn through the frozen tower
 
 
+def test_an_unfrozen_text_encoder_learns_at_the_backbone_multiplier():
+    model = build_model("denseclip_tiny", SHAPE_CLASSES, freeze_text_encoder=False)
+    groups = {g["name"]: g for g in optim.param_groups(model, 1e-3, 1e-4, optim.custom_keys_for(0.5, True))}
+    assert groups["text_encoder"]["initial_lr"] == pytest.approx(5e-4)
+    assert {id(p) for p in groups["text_encoder"]["params"]} == {id(p) for p in model.text_encoder.parameters()}
+    assert groups["backbone"]["initial_lr"] == pytest.approx(5e-4)
+    assert "text_encoder" not in {g["name"] for g in optim.param_groups(model, 1e-3, 1e-4, optim.custom_keys_for(0.5))}
+
+
 def test_lr_schedule_values():
     def lr(it):
         return optim.lr_at(it, 1e-4, max_iters=1000, warmup_iters=100, min_lr=1e-6)

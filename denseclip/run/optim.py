@@ -24,6 +24,16 @@ def param_rule(name: str, custom_keys: dict) -> dict:
     return {"key": None, "lr_mult": 1.0, "decay_mult": 1.0}
 
 
+def custom_keys_for(backbone_lr_mult: float, train_text_encoder: bool = False) -> dict:
+    """CUSTOM_KEYS with the run's backbone lr multiplier (--backbone-lr-mult). An unfrozen text encoder
+    (freeze_text_encoder=False) learns at the same multiplier, a pretrained encoder like the image one: with the
+    official lr x0 it would stay frozen while its parameters asked for gradients."""
+    keys = dict(CUSTOM_KEYS, backbone={"lr_mult": backbone_lr_mult})
+    if train_text_encoder:
+        keys["text_encoder"] = {"lr_mult": backbone_lr_mult}
+    return keys
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float, custom_keys: dict) -> list:
     """One optimiser group per matched key. Frozen parameters and lr_mult 0 get none: with mmcv they sat in the
     optimiser at lr 0, which the poly floor makes (base 0 - min_lr) * coeff + min_lr > 0 after the first step
