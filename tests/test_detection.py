@@ -286,7 +286,9 @@ def test_text_features_cached_in_eval_and_names_follow_the_contract(tiny):
     rules = {name: param_rule(name, CUSTOM_KEYS)["key"] for name, _ in tiny.named_parameters()}
     assert all(k == "backbone" for n, k in rules.items() if n.startswith("backbone."))
     assert all(k != "backbone" for n, k in rules.items() if not n.startswith("backbone."))  # neck, head, decoder
-    assert all(not p.requires_grad for n, p in tiny.named_parameters() if n.startswith("text_encoder."))
+    # the tiny recipes train their random text encoder but its BPE table (configs.TINY_TEXT)
+    assert {n for n, p in tiny.named_parameters() if n.startswith("text_encoder.") and not p.requires_grad} == {
+        "text_encoder.token_embedding.weight"}
     assert any(k == "norm" for n, k in rules.items() if n.startswith("context_decoder."))
     assert tiny.contexts.requires_grad and tiny.gamma.requires_grad
 

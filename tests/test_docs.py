@@ -50,7 +50,6 @@ SMOKE = {
     'pip install -e ".[dev]"': [],
     "python train.py": [*SHORT, "--out-dir", "runs/smoke"],
     "python -m pytest -q": ["--collect-only", "tests/test_metrics.py"],
-    "python train.py --model fpn_tiny": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --threads 2": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --threads 0": [*SHORT, "--out-dir", "runs/smoke"],
     "python train.py --dataset ade20k --pretrained pretrained/RN50.pt": [*SHORT, "--out-dir", "runs/smoke"],

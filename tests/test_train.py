@@ -82,7 +82,7 @@ def test_param_rule_is_mmcv_custom_keys():
 
 
 def test_param_groups_skip_the_frozen_text_encoder():
-    model = build_model("denseclip_tiny", SHAPE_CLASSES)
+    model = build_model("denseclip_tiny", SHAPE_CLASSES, freeze_text_encoder=True)  # the official set-up
     groups = {g["name"]: g for g in optim.param_groups(model, 1e-4, 1e-4, optim.CUSTOM_KEYS)}
     assert set(groups) == {"default", "backbone", "norm"}
     assert groups["backbone"]["initial_lr"] == pytest.approx(1e-5) and groups["backbone"]["weight_decay"] == 1e-4
@@ -95,7 +95,7 @@ def test_param_groups_skip_the_frozen_text_encoder():
 
 
 def test_an_unfrozen_text_encoder_learns_at_the_backbone_multiplier():
-    model = build_model("denseclip_tiny", SHAPE_CLASSES, freeze_text_encoder=False)
+    model = build_model("denseclip_tiny", SHAPE_CLASSES, freeze_text_encoder=False, freeze_token_embedding=False)
     groups = {g["name"]: g for g in optim.param_groups(model, 1e-3, 1e-4, optim.custom_keys_for(0.5, True))}
     assert groups["text_encoder"]["initial_lr"] == pytest.approx(5e-4)
     assert {id(p) for p in groups["text_encoder"]["params"]} == {id(p) for p in model.text_encoder.parameters()}
@@ -212,8 +212,13 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     assert ddp["data"] == one["data"] and len(ddp["rng"]) == 2
     for k, v in one["model"].items():
         # The attention pool's key bias has an exactly zero gradient (softmax ignores a shift shared by all keys):
-        # Adam normalises the rounding noise left in it into steps of ~lr, which differ between the two runs.
+        # Adam normalises the rounding noise left in it into steps of ~lr, which differ between the two runs. So
+        # has the key third of the (trained, tiny) text encoder's in_proj_bias.
+        a, b = ddp["model"][k].float(), v.float()
+        if k.endswith("attn.in_proj_bias"):
+            w = len(a) // 3
+            a, b = torch.cat([a[:w], a[2 * w:]]), torch.cat([b[:w], b[2 * w:]])
         if k != "backbone.attnpool.k_proj.bias":
-            assert torch.allclose(ddp["model"][k].float(), v.float(), rtol=1e-4, atol=1e-5), k
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
     assert torch.allclose(ddp["model"]["decode_head.scale_heads.0.0.bn.running_var"],
                           one["model"]["decode_head.scale_heads.0.0.bn.running_var"], rtol=1e-4)
