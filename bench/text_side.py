@@ -79,7 +79,6 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=50, help="images per forward")
     p.add_argument("--close", type=float, default=0.95, help="list the name pairs whose cosine is above this")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     for path in args.checkpoints:
         inspect(path, args.val_size, args.batch, args.close)
 
