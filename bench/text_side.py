@@ -63,13 +63,14 @@ def inspect(path: str, val_size: int, batch: int, close: float):
         images, labels = map(torch.stack, zip(*(data[i] for i in range(start, min(start + batch, count)))))
         score_cm.update(model.score_logits(images).argmax(1), labels)  # s / tau at input size: the aux classifier
         head_cm.update(model.predict(images, out_size=labels.shape[-2:]).argmax(1), labels)
-    for title, cm in (("score map (argmax s / tau)", score_cm), ("decode head", head_cm)):
-        res = cm.compute()
+    found = {"cos": cos}
+    for key, title, cm in (("score", "score map (argmax s / tau)", score_cm), ("head", "decode head", head_cm)):
+        found[key] = res = cm.compute()
         print(f"{title}: mIoU {100 * res['mIoU']:.2f}, IoU per class "
               + " ".join(f"{n} {100 * v:.0f}" for n, v in zip(names, res["IoU"])))
         print("confusion, % of each true class (rows) predicted as (columns):")
         print(table(names, percent_rows(cm.mat), "{:6.0f}"))
-    return {"cos": cos, "score": score_cm.compute(), "head": head_cm.compute()}
+    return found
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """bench/text_side.py (issue 17's "why it stays level"): on a real train.py checkpoint, its decode-head mIoU is the
-run's own final evaluation, its cosines are those of the model's class embeddings, and each confusion row is a
-distribution over the predicted classes."""
+run's own final evaluation, its cosines are those of the model's class embeddings, a confusion row is in % of its
+true class's pixels, and a checkpoint without a text side is refused."""
 import json
 import sys
 from pathlib import Path
